@@ -1,0 +1,41 @@
+"""The `veason` command: one subcommand per program, each imported only when it runs.
+
+veason synth --out data/revos            write the synthetic world (ReVOS layout)
+veason tiny-models --out models          write the tiny random-init Qwen2.5-VL and SAM2
+veason config [CONFIG] [key=value ...]   print the resolved configuration
+veason demo [CONFIG] [key=value ...]     the embedded default, end to end on a local Ray cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("veason_ray.synth.cli", "write the synthetic world in the ReVOS (or ReasonVOS) layout"),
+    "tiny-models": ("veason_ray.models.cli", "write tiny random-init Qwen2.5-VL and SAM2 checkpoints"),
+    "config": ("pipelines.config_command", "print the resolved configuration (defaults < YAML < overrides)"),
+    "demo": ("pipelines.demo", "run the embedded default end to end on a local Ray cluster"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="veason", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported, so `veason --help` never loads torch or ray.
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

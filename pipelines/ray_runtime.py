@@ -1,0 +1,29 @@
+"""Connecting a driver to Ray: an existing cluster (RAY_ADDRESS, `ray job submit`, `placement.ray_address`)
+or a local one started on this machine with the CPUs and (logical) GPUs the config names."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from veason_ray.config import PlacementConfig
+
+
+def init_ray(placement: PlacementConfig) -> None:
+    """Idempotent. A local cluster gets `placement.num_cpus` / `num_gpus` (0 = detect); on a CPU machine
+    `num_gpus` > 0 declares logical GPUs so fractional-GPU pools schedule exactly as on a GPU node."""
+    if ray.is_initialized():
+        return
+    address = placement.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local, single-user cluster on this machine: Ray 2.60's token auth guards nothing here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=placement.num_cpus or None,
+        num_gpus=placement.num_gpus or None,
+        include_dashboard=False,
+        log_to_driver=True,
+    )

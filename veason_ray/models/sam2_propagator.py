@@ -1,0 +1,124 @@
+"""SAM2 as the method's mask propagator: boxes on the keyframe in, a mask on every sampled frame out.
+
+Each box becomes its own SAM2 object on the keyframe; SAM2's video predictor tracks all of them forward to the
+last frame and backward to the first, and the mask of a frame is the OR over objects of `logits > 0`, at the
+frames' own height and width (method.md section 4, consistency reward; section 1, inference).
+
+Frames stay in memory: the inference state is built from the uint8 array with exactly the resize and
+normalisation of sam2's JPEG-folder loader, so the masks equal those of sam2's own file-based path on the same
+pixels. This is the plain, one-clip-at-a-time implementation; sharing image features across a GRPO group is a
+later optimisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
+from veason_ray.mask_propagation import MaskPropagator
+
+apply_cpu_workarounds()
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+if TYPE_CHECKING:
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+# sam2.utils.misc.load_video_frames defaults (ImageNet statistics).
+SAM2_IMG_MEAN = (0.485, 0.456, 0.406)
+SAM2_IMG_STD = (0.229, 0.224, 0.225)
+
+
+def sam2_input_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """(T, 3, S, S) float32 SAM2 input from (T, H, W, 3) uint8 RGB frames, S = image_size: PIL's default
+    resize to S x S, scaled to [0, 1] in float64, then float32 mean/std normalisation, the same operations in the
+    same order as `sam2.utils.misc.load_video_frames_from_jpg_images`, so results are bit-identical."""
+    images = torch.zeros(len(frames), 3, image_size, image_size, dtype=torch.float32)
+    for index, frame in enumerate(frames):
+        resized = np.array(Image.fromarray(frame).resize((image_size, image_size)))
+        images[index] = torch.from_numpy(resized / 255.0).permute(2, 0, 1)
+    images -= torch.tensor(SAM2_IMG_MEAN, dtype=torch.float32)[:, None, None]
+    images /= torch.tensor(SAM2_IMG_STD, dtype=torch.float32)[:, None, None]
+    return images
+
+
+def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) -> dict[str, Any]:
+    """The inference state `SAM2VideoPredictor.init_state` builds for a video, from in-memory frames.
+
+    Mirrors sam2 1.1.0's `init_state` (frames on the model's device, state not offloaded) except that it does not
+    pre-compute frame 0's features, which propagation computes when it needs them; the result is the same."""
+    device = predictor.device
+    _, height, width, _ = frames.shape
+    return {
+        "images": sam2_input_frames(frames, predictor.image_size).to(device),
+        "num_frames": len(frames),
+        "offload_video_to_cpu": False,
+        "offload_state_to_cpu": False,
+        "video_height": height,
+        "video_width": width,
+        "device": device,
+        "storage_device": device,
+        "point_inputs_per_obj": {},
+        "mask_inputs_per_obj": {},
+        "cached_features": {},
+        "constants": {},
+        "obj_id_to_idx": OrderedDict(),
+        "obj_idx_to_id": OrderedDict(),
+        "obj_ids": [],
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "frames_tracked_per_obj": {},
+    }
+
+
+def _check_inputs(frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8 with T >= 1, got {frames.shape} {frames.dtype}")
+    if not 0 <= keyframe_position < len(frames):
+        raise ValueError(f"keyframe_position {keyframe_position} is outside 0..{len(frames) - 1}")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (K, 4) x1,y1,x2,y2, got shape {boxes.shape}")
+
+
+class SAM2MaskPropagator(MaskPropagator):
+    """Propagates keyframe boxes through a clip with a (frozen) SAM2 video predictor; see the module docstring.
+    Not thread-safe: one propagation at a time per predictor."""
+
+    def __init__(self, predictor: SAM2VideoPredictor):
+        self.predictor = predictor
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # SAM2 runs in bf16 on GPUs (as in its own demos); CPU autocast would only slow it down and change masks.
+        if self.predictor.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def propagate(self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        keyframe_position = int(keyframe_position)
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        _check_inputs(frames, keyframe_position, boxes)
+        num_frames, height, width, _ = frames.shape
+        masks = np.zeros((num_frames, height, width), dtype=bool)
+        if len(boxes) == 0:
+            return masks
+        with self._autocast():
+            state = init_state_from_frames(self.predictor, frames)
+            for obj_id, box in enumerate(boxes, start=1):
+                self.predictor.add_new_points_or_box(
+                    state, frame_idx=keyframe_position, obj_id=obj_id, box=box
+                )
+            for reverse in (False, True):
+                for frame_idx, _, logits in self.predictor.propagate_in_video(
+                    state, start_frame_idx=keyframe_position, reverse=reverse
+                ):
+                    masks[frame_idx] = (logits[:, 0] > 0).any(dim=0).cpu().numpy()
+        return masks

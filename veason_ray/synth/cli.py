@@ -1,0 +1,47 @@
+"""``veason synth``: write the synthetic dataset (the embedded default dataset and the data of the tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+from veason_ray.config import SynthConfig
+from veason_ray.synth.writer import LAYOUTS, write_synthetic_dataset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SynthConfig()
+    parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    parser.add_argument("--layout", choices=LAYOUTS, default="revos", help="on-disk format (default: revos)")
+    parser.add_argument(
+        "--videos", type=int, default=d.videos, help=f"number of videos (default: {d.videos})"
+    )
+    parser.add_argument(
+        "--frames", type=int, default=d.frames, help=f"frames per video (default: {d.frames})"
+    )
+    parser.add_argument(
+        "--height", type=int, default=d.height, help=f"frame height, px (default: {d.height})"
+    )
+    parser.add_argument("--width", type=int, default=d.width, help=f"frame width, px (default: {d.width})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same bytes (default: {d.seed})")
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=d.valid_fraction,
+        help=f"share of videos in the ReVOS valid split (default: {d.valid_fraction})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the dataset (to a local folder or s3://, storage from the AWS environment) and print a summary."""
+    summary = write_synthetic_dataset(
+        args.out,
+        layout=args.layout,
+        num_videos=args.videos,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        valid_fraction=args.valid_fraction,
+    )
+    print(summary.to_text())
+    return 0
