@@ -6,29 +6,36 @@ import argparse
 
 import yaml
 
+from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import ConfigError, config_to_dict, load_config
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="a YAML file under configs/ (optional)")
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The positional CONFIG (a YAML file) and `key=value` overrides every program takes."""
+    where = f" (default: {default})" if default else " (optional)"
+    parser.add_argument("config", nargs="?", default=default, help=f"a YAML file under configs/{where}")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 learner.lr=1e-6")
+    parser.set_defaults(_config_default=default)
 
 
-def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """`veason X a.b=1` has no config file: a first positional containing '=' is an override."""
+def config_from_args(args: argparse.Namespace, program: str) -> VeasonConfig:
+    """The resolved config; a first positional containing '=' is an override (`veason X a.b=1` names no
+    file, and then the subcommand's default file, if any, is used). Errors exit with the key's name."""
     overrides = list(args.overrides)
     config = args.config
     if config is not None and "=" in config:
         overrides.insert(0, config)
-        config = None
-    return config, overrides
+        config = getattr(args, "_config_default", None)
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"veason {program}: {exc}") from None
+
+
+add_arguments = add_config_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    config, overrides = split_config_and_overrides(args)
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"veason config: {exc}") from None
+    cfg = config_from_args(args, "config")
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0

@@ -11,19 +11,16 @@ import argparse
 import time
 from pathlib import Path
 
-from pipelines.config_command import split_config_and_overrides
+from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.evaluate import format_report, run_evaluation
 from pipelines.ray_runtime import init_ray
 from veason_ray.config import VeasonConfig
-from veason_ray.config_loading import ConfigError, load_config, save_config
+from veason_ray.config_loading import save_config
 from veason_ray.object_store import is_s3_uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config", nargs="?", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)"
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_expressions=4")
+    add_config_arguments(parser, default="configs/demo.yaml")
 
 
 def ensure_dataset(cfg: VeasonConfig) -> str:
@@ -74,11 +71,7 @@ def ensure_tiny_models(cfg: VeasonConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, overrides = split_config_and_overrides(args)
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"veason demo: {exc}") from None
+    cfg = config_from_args(args, "demo")
     started = time.perf_counter()
     output_dir = Path(cfg.run.output_dir)
     config_path = save_config(cfg, output_dir / "config.yaml")

@@ -122,3 +122,20 @@ def test_config_command_prints_resolved_tree(capsys):
     assert printed["rollout"]["n"] == 5
     with pytest.raises(SystemExit, match="unknown config key 'rollout.q'"):
         veason_main(["config", "rollout.q=1"])
+
+
+def test_a_command_with_a_default_config_keeps_it_when_given_only_overrides(tmp_path):
+    import argparse
+
+    from pipelines.config_command import add_config_arguments, config_from_args
+
+    default = tmp_path / "default.yaml"
+    default.write_text("rollout:\n  n: 3\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, default=str(default))
+    cfg = config_from_args(parser.parse_args(["learner.lr=1e-5"]), "demo")
+    assert cfg.rollout.n == 3 and cfg.learner.lr == 1e-5
+    cfg = config_from_args(parser.parse_args([]), "demo")
+    assert cfg.rollout.n == 3
+    with pytest.raises(SystemExit, match="veason demo: unknown config key 'rollout.x'"):
+        config_from_args(parser.parse_args(["rollout.x=1"]), "demo")
