@@ -1,0 +1,103 @@
+"""The records that cross process boundaries (design.md): small dataclasses, cheap to pickle, no model objects.
+
+    Sample       one expression, its sampled frames (560x560) and the ground truth the rewards need
+    PromptGroup  one Sample + its group id: the unit of GRPO (n responses share it)
+    Rollout      one sampled response of a group, with its tokens and log-probabilities
+    Scored       a Rollout with its reward parts
+
+Frames may travel as an array or as a reference into Ray's object store (put once per sample, not copied per
+response); this module never imports ray, so `frames` is typed loosely and `resolve_frames` is given a getter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from veason_ray.prompts import build_messages
+from veason_ray.rewards import RewardBreakdown
+
+
+@dataclass
+class Sample:
+    """One expression made model-ready.
+
+    frame_indices: the sampled frames' indices in the video (ascending; the prompt's timestamps).
+    keyframe: the training keyframe among them (drawn from the top-5 GT-area frames), None in evaluation.
+    frames: (T, 560, 560, 3) uint8 RGB, or an object-store reference to such an array.
+    gt_masks_560: (T, 560, 560) bool GT union masks at the sampled frames (nearest).
+    gt_boxes_560: per sampled frame, (N, 4) float64 GT boxes in 560 space (absent object -> zeros).
+    original_size: (height, width) of the video's frames in pixels.
+    """
+
+    dataset: str
+    split: str
+    video: str
+    exp_id: str
+    expression: str
+    type_id: int | None
+    obj_ids: tuple[int, ...]
+    frame_indices: tuple[int, ...]
+    keyframe: int | None
+    frames: Any
+    gt_masks_560: np.ndarray
+    gt_boxes_560: list[np.ndarray]
+    original_size: tuple[int, int]
+    num_video_frames: int
+
+    @property
+    def key(self) -> str:
+        """A stable id: dataset/split/video/exp_id."""
+        return f"{self.dataset}/{self.split}/{self.video}/{self.exp_id}"
+
+    @property
+    def is_multi_instance(self) -> bool:
+        return len(self.obj_ids) > 1
+
+    def resolve_frames(self, get: Callable[[Any], np.ndarray] | None = None) -> np.ndarray:
+        """The frames as an array; `get` (e.g. ray.get) resolves a reference."""
+        if isinstance(self.frames, np.ndarray):
+            return self.frames
+        if get is None:
+            raise TypeError(f"sample {self.key}: frames are a reference; pass a getter such as ray.get")
+        return get(self.frames)
+
+    def messages(self, frames: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """The chat prompt (system + user turn with the frames); frames default to `self.frames`."""
+        frames = self.frames if frames is None else frames
+        return build_messages(self.frame_indices, self.expression, list(frames))
+
+
+@dataclass
+class PromptGroup:
+    """One Sample and the id of its GRPO group; `n` responses are sampled for it."""
+
+    group_id: int
+    sample: Sample
+
+
+@dataclass
+class Rollout:
+    """One sampled response. token_ids / logprobs: the response tokens and their log-probabilities under the
+    sampling policy (the GRPO old log-probs when the learner does not recompute them)."""
+
+    group_id: int
+    response_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    weight_version: int
+    prompt_token_count: int = 0
+
+
+@dataclass
+class Scored:
+    """A Rollout and its reward parts; `reward.total` is what GRPO normalises within the group."""
+
+    rollout: Rollout
+    reward: RewardBreakdown
+    notes: dict[str, Any] = field(default_factory=dict)
