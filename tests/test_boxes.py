@@ -79,3 +79,16 @@ def test_resize_masks_nearest_matches_torch_interpolate():
         [0, 0, 1, 1],
     ]
     assert resize_masks_nearest(masks[:1], size=(10, 20)).shape == (1, 10, 20)
+
+
+@pytest.mark.parametrize(
+    "shape", [(720, 1280), (120, 160), (1080, 1920), (481, 853), (13, 7), (560, 560), (999, 1001)]
+)
+def test_resize_masks_nearest_equals_torch_at_many_sizes(shape):
+    masks = np.random.default_rng(0).random((2, *shape)) > 0.5
+    for size in (560, 337):
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(masks).to(torch.uint8)[:, None], size=(size, size), mode="nearest"
+        )[:, 0].bool()
+        assert np.array_equal(resize_masks_nearest(masks, size), expected.numpy())
+        assert np.array_equal(resize_masks_nearest(torch.from_numpy(masks), size), expected.numpy())

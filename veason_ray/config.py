@@ -89,6 +89,16 @@ class DataConfig:
     max_expressions: int = 0  # 0 = all
     expression_types: list[int] = field(default_factory=lambda: [0, 1, 2])
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # Ray Data frame streaming (pipelines/frame_stream.py)
+    video_format: Literal["jpeg", "mp4"] = "jpeg"  # jpeg: JPEGImages/<video>/*.jpg; mp4: Videos/<video>.mp4
+    video_backend: Literal["pyav", "decord"] = "pyav"  # mp4 decoder
+    decode_concurrency: int = 2  # decoding actors (each reads the mask file once, then decodes samples)
+    decode_num_cpus: float = 1.0  # CPUs reserved per decoding actor
+    decode_batch_size: int = 4  # expressions per decoding call (a Ray Data block holds this many samples)
+    prefetch_batches: int = 2  # consumer-side batches decoded ahead of the GRPO driver / evaluator
+    shuffle: bool = True  # training: expression order shuffled per epoch (seeded by run.seed and the epoch)
+    cache_uri: str = ""  # local folder or s3:// prefix for the decoded-frame Parquet cache; empty = no cache
+    progress_every_s: float = 30.0  # seconds between throughput log lines; 0 = no log
 
 
 @dataclass
@@ -126,6 +136,18 @@ class RolloutConfig:
     sleep_level: int = 2
     weight_bucket_mb: int = 1024
     request_timeout_s: float = 600.0
+    # vLLM rollout pool (actors/rollout.py, actors/weight_sync.py)
+    weight_transport: Literal["auto", "ipc", "nccl", "reload"] = "auto"  # auto: ipc with CUDA, else reload
+    wake_order: list[str] = field(
+        default_factory=lambda: ["weights", "kv_cache"]
+    )  # weights synced in between
+    enable_sleep_mode: bool = True  # GPU only; vLLM's CPU worker has no sleep mode
+    enforce_eager: bool = False  # True skips torch.compile and CUDA graphs (fast start; CPU tests, demo)
+    max_model_len: int = 8192  # prompt + response tokens
+    max_images_per_prompt: int = 8
+    suppress_vision_tokens: bool = True  # never sample <|vision_start|>, <|image_pad|>, ...
+    max_restarts: int = 2  # engine restarts one generate call may spend before it fails
+    cpus_per_engine: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +180,12 @@ class RewardConfig:
     gpus_per_actor: float = 0.25
     timeout_s: float = 300.0
     max_retries: int = 2
+    cpus_per_actor: float = 1.0
+    max_restarts: int = 4  # Ray restarts of one reward actor before the pool replaces it
+    max_groups_per_batch: int = 16  # groups one actor scores in one shared SAM2 pass
+    batch_wait_s: float = 0.02  # how long an idle actor waits for more groups to join a batch
+    encode_batch_size: int = 8  # frames per SAM2 image-encoder call
+    max_objects_per_batch: int = 64  # SAM2 objects per batched track_step (bounds GPU memory)
 
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean"]

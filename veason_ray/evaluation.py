@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 
 from veason_ray.answer_parsing import ParsedAnswer, parse_answer
-from veason_ray.boxes import FRAME_SIZE, ground_truth_boxes_560, resize_masks_nearest
+from veason_ray.boxes import FRAME_SIZE
 from veason_ray.datasets import ExpressionRecord, VOSDataset
-from veason_ray.frame_sampling import sample_evaluation_frames
-from veason_ray.frames import resize_frames
 from veason_ray.mask_propagation import MaskPropagator
 from veason_ray.metrics import score_expression
 from veason_ray.prompts import build_messages, render_answer
 from veason_ray.rewards import RewardWeights, score_response
+from veason_ray.sample_building import SamplingSpec, build_sample
 from veason_ray.segmentation import segment_video
+from veason_ray.video_decoding import ArrayFrameSource
 
 
 @dataclass
@@ -73,22 +73,24 @@ class ExpressionResult:
 def load_evaluation_inputs(
     dataset: VOSDataset, record: ExpressionRecord, num_frames: int
 ) -> EvaluationInputs:
-    """Read the video, its GT and foreground, and sample `num_frames` evenly spaced frames for the policy."""
+    """Read the video, its GT and foreground, and sample `num_frames` evenly spaced frames for the policy (the
+    sampled part is :func:`~veason_ray.sample_building.build_sample` on the frames already read)."""
     frames = dataset.read_frames(record.video)
-    gt_masks = dataset.gt_masks(record)
-    foreground = dataset.foreground(record.video)
-    indices = sample_evaluation_frames(len(frames), num_frames)
-    object_masks = dataset.object_masks(record, list(indices))  # (K, T, H, W)
-    gt_boxes = [ground_truth_boxes_560(object_masks[:, position]) for position in range(len(indices))]
+    sample = build_sample(
+        dataset,
+        record,
+        SamplingSpec(mode="eval", num_frames=num_frames, frame_size=FRAME_SIZE),
+        source=ArrayFrameSource(record.video, frames),
+    )
     return EvaluationInputs(
         record=record,
         frames=frames,
-        gt_masks=gt_masks,
-        foreground=foreground,
-        frame_indices=indices,
-        frames_560=resize_frames(frames[list(indices)], FRAME_SIZE),
-        gt_masks_560=resize_masks_nearest(gt_masks[list(indices)], FRAME_SIZE),
-        gt_boxes_560=gt_boxes,
+        gt_masks=dataset.gt_masks(record),
+        foreground=dataset.foreground(record.video),
+        frame_indices=sample.frame_indices,
+        frames_560=sample.frames,
+        gt_masks_560=sample.gt_masks_560,
+        gt_boxes_560=sample.gt_boxes_560,
     )
 
 

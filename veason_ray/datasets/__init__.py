@@ -18,6 +18,7 @@ from veason_ray.datasets.records import (
     TYPE_REASONING,
     TYPE_REFERRING,
     ExpressionRecord,
+    MissingMaskEntryError,
     VideoInfo,
 )
 from veason_ray.datasets.revos import ReVOSDataset
@@ -46,6 +47,7 @@ __all__ = [
     "DatasetFormatError",
     "ExpressionRecord",
     "MeViSDataset",
+    "MissingMaskEntryError",
     "RLEFormatError",
     "ReVOSDataset",
     "ReasonVOSDataset",

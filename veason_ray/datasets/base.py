@@ -250,6 +250,12 @@ class VOSDataset(abc.ABC):
         shape = (len(idx), info.height, info.width)
         return union_masks((self._annotation_masks(info, a, idx) for a in expr.anno_ids), shape)
 
+    def gt_areas(self, expr: ExpressionRecord) -> np.ndarray:
+        """(L,) int64 pixel area of the GT union mask on every frame of the video (original resolution); the
+        training keyframe draw needs only these. Formats that store RLEs compute them without decoding."""
+        info = self.video(expr.video)
+        return self.gt_masks(expr).reshape(info.num_frames, -1).sum(axis=1).astype(np.int64)
+
     def foreground(self, video: str, frame_indices: Sequence[int] | None = None) -> np.ndarray:
         """(T, H, W) bool: every annotated object of the video (used by the robustness metric R)."""
         info = self.video(video)

@@ -13,6 +13,10 @@ class DatasetFormatError(ValueError):
     """A dataset file that does not follow its format; the message names the file and the JSON path."""
 
 
+class MissingMaskEntryError(DatasetFormatError):
+    """An annotation id that the expression file names is absent from the mask file."""
+
+
 TYPE_REFERRING = 0
 TYPE_REASONING = 1
 TYPE_NO_TARGET = 2

@@ -31,8 +31,8 @@ from veason_ray.datasets.base import (
     require_str,
     require_str_list,
 )
-from veason_ray.datasets.records import TYPE_NAMES, ExpressionRecord, VideoInfo
-from veason_ray.datasets.rle import decode_rle
+from veason_ray.datasets.records import TYPE_NAMES, ExpressionRecord, MissingMaskEntryError, VideoInfo
+from veason_ray.datasets.rle import decode_rle, union_rle_area
 from veason_ray.object_store import join_uri
 
 
@@ -126,16 +126,19 @@ class ReVOSDataset(VOSDataset):
                 setattr(self, attr, require_dict(read_json(self.store, uri), uri, "(root)"))
             return getattr(self, attr)
 
-    def _decode_frames(
-        self, rles: Any, info: VideoInfo, frame_indices: list[int], file: str, path: str
-    ) -> np.ndarray:
-        """Decode a per-frame list of RLE-or-null at the requested frames."""
+    def _check_frame_list(self, rles: Any, info: VideoInfo, file: str, path: str) -> None:
         if not isinstance(rles, list) or len(rles) != info.num_frames:
             got = f"list of {len(rles)}" if isinstance(rles, list) else type(rles).__name__
             raise DatasetFormatError(
                 f"{file}: {path}: expected a list of {info.num_frames} RLE or null "
                 f"(one per frame of video {info.name!r}), got {got}"
             )
+
+    def _decode_frames(
+        self, rles: Any, info: VideoInfo, frame_indices: list[int], file: str, path: str
+    ) -> np.ndarray:
+        """Decode a per-frame list of RLE-or-null at the requested frames."""
+        self._check_frame_list(rles, info, file, path)
         out = np.zeros((len(frame_indices), info.height, info.width), dtype=bool)
         for t, i in enumerate(frame_indices):
             if rles[i] is None:
@@ -149,13 +152,30 @@ class ReVOSDataset(VOSDataset):
             out[t] = mask
         return out
 
-    def _annotation_masks(self, info: VideoInfo, anno_id: str, frame_indices: list[int]) -> np.ndarray:
+    def _annotation_rles(self, info: VideoInfo, anno_id: str) -> list:
+        """The per-frame RLE-or-null list of one annotation id, checked for length."""
         masks = self._load("_mask_dict", self.mask_dict_uri)
         if anno_id not in masks:
-            raise DatasetFormatError(
+            raise MissingMaskEntryError(
                 f"{self.mask_dict_uri}: [{anno_id!r}]: missing (an anno_id of video {info.name!r} in {self.meta_uri})"
             )
-        return self._decode_frames(masks[anno_id], info, frame_indices, self.mask_dict_uri, f"[{anno_id!r}]")
+        self._check_frame_list(masks[anno_id], info, self.mask_dict_uri, f"[{anno_id!r}]")
+        return masks[anno_id]
+
+    def _annotation_masks(self, info: VideoInfo, anno_id: str, frame_indices: list[int]) -> np.ndarray:
+        rles = self._annotation_rles(info, anno_id)
+        return self._decode_frames(rles, info, frame_indices, self.mask_dict_uri, f"[{anno_id!r}]")
+
+    def gt_areas(self, expr: ExpressionRecord) -> np.ndarray:
+        """(L,) int64 GT union area of every frame, from the RLEs (pycocotools merge): no mask is decoded."""
+        info = self.video(expr.video)
+        entries = [self._annotation_rles(info, a) for a in expr.anno_ids]
+        areas = np.zeros(info.num_frames, np.int64)
+        for t in range(info.num_frames):
+            present = [rles[t] for rles in entries if rles[t] is not None]
+            if present:
+                areas[t] = union_rle_area(present, f"{self.mask_dict_uri}: frame {t} of {expr.key}")
+        return areas
 
     def _foreground_masks(self, info: VideoInfo, frame_indices: list[int]) -> np.ndarray:
         uri = self.foreground_uri

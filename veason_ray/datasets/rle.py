@@ -43,27 +43,29 @@ def _checked_size(rle: object, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def decode_rle(rle: dict, where: str = "rle") -> np.ndarray:
-    """An RLE (counts as str, bytes or list of ints) as a (H, W) bool array. ``where`` names the value in
-    error messages (file and JSON path)."""
+def _compressed(rle: dict, where: str) -> dict:
+    """pycocotools' compressed form of an RLE whose counts are a str, bytes or a list of run lengths."""
     height, width = _checked_size(rle, where)
     counts = rle["counts"]
     if isinstance(counts, str):
-        compressed = {"size": [height, width], "counts": counts.encode("ascii")}
-    elif isinstance(counts, bytes):
-        compressed = {"size": [height, width], "counts": counts}
-    elif isinstance(counts, list):
+        return {"size": [height, width], "counts": counts.encode("ascii")}
+    if isinstance(counts, bytes):
+        return {"size": [height, width], "counts": counts}
+    if isinstance(counts, list):
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise RLEFormatError(f"{where}.counts: expected a list of non-negative int run lengths")
         if sum(counts) != height * width:
             raise RLEFormatError(
                 f"{where}.counts: run lengths sum to {sum(counts)}, expected height*width = {height * width}"
             )
-        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    else:
-        raise RLEFormatError(
-            f"{where}.counts: expected str, bytes or list of int, got {type(counts).__name__}"
-        )
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    raise RLEFormatError(f"{where}.counts: expected str, bytes or list of int, got {type(counts).__name__}")
+
+
+def decode_rle(rle: dict, where: str = "rle") -> np.ndarray:
+    """An RLE (counts as str, bytes or list of ints) as a (H, W) bool array. ``where`` names the value in
+    error messages (file and JSON path)."""
+    compressed = _compressed(rle, where)
     try:
         decoded = mask_utils.decode(compressed)
     except Exception as e:  # pycocotools raises bare Exception/ValueError on corrupt strings
@@ -79,6 +81,18 @@ def rle_area(rle: dict, where: str = "rle") -> int:
         raw = counts.encode("ascii") if isinstance(counts, str) else counts
         return int(mask_utils.area({"size": [height, width], "counts": raw}))
     return int(decode_rle(rle, where).sum())
+
+
+def union_rle_area(rles: list[dict], where: str = "rle") -> int:
+    """Foreground pixels of the union of same-size RLEs, without decoding them (pycocotools merge)."""
+    areas = [rle_area(r, where) for r in rles]  # validates each RLE
+    if len(rles) <= 1:
+        return areas[0] if areas else 0
+    try:
+        merged = mask_utils.merge([_compressed(r, where) for r in rles], intersect=False)
+    except Exception as e:  # pycocotools raises bare Exception on mismatched sizes or corrupt strings
+        raise RLEFormatError(f"{where}: cannot merge the RLEs ({e})") from None
+    return int(mask_utils.area(merged))
 
 
 def union_masks(masks: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:

