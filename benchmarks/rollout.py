@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--bucket-mb", type=float, default=1024)
     parser.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    parser.add_argument("--no-seed", action="store_true", help="unseeded sampling (diagnosis)")
+    parser.add_argument("--no-suppress", action="store_true", help="allow vision tokens (diagnosis)")
     args = parser.parse_args()
     if args.tiny:
         args.prompts, args.frames, args.size, args.n, args.max_new_tokens = 4, 2, 112, 2, 16
@@ -167,11 +169,12 @@ def main() -> None:
         max_model_len=8192 if not args.tiny else 2048,
         max_images_per_prompt=args.frames,
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens),
+        suppress_vision_tokens=not args.no_suppress,
     )
     ray.init(num_gpus=None if on_gpu else 1, include_dashboard=False, log_to_driver=False)
     rows: list[tuple[str, str]] = []
     try:
-        pool = RolloutPool(str(model_dir), cfg, seed=0)
+        pool = RolloutPool(str(model_dir), cfg, seed=None if args.no_seed else 0)
         rows.append(
             ("engine start (s, slowest engine)", f"{max(i['start_seconds'] for i in pool.engine_info):.1f}")
         )
@@ -200,9 +203,13 @@ def main() -> None:
             (f"weight sync over {report.transport} (s, {report.nbytes / 2**30:.2f} GiB, {report.buckets} buckets)",
              f"{report.seconds:.2f}")
         )  # fmt: skip
-        learner = None  # frees the learner copy before the restart
+        # the learner stays: a restarted engine is re-synced by replaying the transport's source
         rows.append(("engine restart incl. re-sync (s)", f"{pool.restart(0):.1f}"))
         pool.shutdown()
+    except Exception:
+        if rows:
+            print_rows(rows, args, on_gpu)  # what was measured before the failure
+        raise
     finally:
         ray.shutdown()
     if not args.no_hf:
@@ -212,6 +219,10 @@ def main() -> None:
             ("HF output tokens/s", f"{hf['output_tok_s']:,.0f}"),
             ("HF prompt tokens/s", f"{hf['prompt_tok_s']:,.0f}"),
         ]
+    print_rows(rows, args, on_gpu)
+
+
+def print_rows(rows: list[tuple[str, str]], args: argparse.Namespace, on_gpu: bool) -> None:
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(f"\nrollout benchmark on {device}: {args.prompts} prompts x {args.frames} frames at {args.size} px, "
           f"n={args.n}, up to {args.max_new_tokens} new tokens, {args.engines} engine(s)")  # fmt: skip
