@@ -115,8 +115,6 @@ def main() -> None:
                                 height=args.height, width=args.width, valid_fraction=0.0)  # fmt: skip
     cfg = VeasonConfig()
     cfg.data.root, cfg.data.progress_every_s = root, 0
-    rows = [run_loop(cfg)] + [run_pipeline(cfg, c) for c in args.cpus]
-    base = rows[0]["frames"] / rows[0]["wall_s"]
     print(
         f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs; input {args.width}x{args.height}"
     )
@@ -124,15 +122,19 @@ def main() -> None:
         "| side | CPUs | samples | frames | wall s | frames/s (wall) | frames/s/core (wall) | frames/s/core "
         "(steady) | vs loop | peak RSS driver MB | peak RSS all MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows: list[dict] = []
+    for run in [lambda: run_loop(cfg)] + [lambda c=c: run_pipeline(cfg, c) for c in args.cpus]:
+        r = run()
+        rows.append(r)  # each row is printed as soon as it is measured: a cut-off run keeps what it measured
         fps, steady = r["frames"] / r["wall_s"], r["frames"] / r["steady_s"]
+        base = rows[0]["frames"] / rows[0]["wall_s"]
         r.update(
             fps=fps, fps_per_core=fps / r["cpus"], steady_fps_per_core=steady / r["cpus"], ratio=fps / base
         )
         print(f"| {r['side']} | {r['cpus']} | {r['samples']} | {r['frames']} | {r['wall_s']:.2f} | {fps:.1f} | "
               f"{r['fps_per_core']:.1f} | {r['steady_fps_per_core']:.1f} | {r['ratio']:.2f}x | "
-              f"{r['peak_driver_mb']:.0f} | {r['peak_total_mb']:.0f} |")  # fmt: skip
+              f"{r['peak_driver_mb']:.0f} | {r['peak_total_mb']:.0f} |", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
