@@ -33,14 +33,14 @@ from veason_ray.records import PromptGroup, Sample  # noqa: E402
 
 def write_random_3b(out_dir: Path) -> Path:
     """Qwen2.5-VL-3B-Instruct's shapes (config.json of the release), random init, with the tiny tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from veason_ray.models.tiny_qwen import build_tiny_processor
+    from veason_ray.models.tiny_qwen import build_tiny_processor, qwen2_5_vl_config
 
     processor = build_tiny_processor()
-    token_id = processor.tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
+    config = qwen2_5_vl_config(
+        processor.tokenizer,
+        text_sizes={
             "vocab_size": 151936,
             "hidden_size": 2048,
             "intermediate_size": 11008,
@@ -54,12 +54,8 @@ def write_random_3b(out_dir: Path) -> Path:
                 "rope_theta": 1000000.0,
                 "mrope_section": [16, 24, 24],
             },
-            "bos_token_id": token_id("<|endoftext|>"),
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": token_id("<|endoftext|>"),
-            "tie_word_embeddings": True,
         },
-        vision_config={
+        vision_sizes={
             "depth": 32,
             "hidden_size": 1280,
             "intermediate_size": 3420,
@@ -72,12 +68,6 @@ def write_random_3b(out_dir: Path) -> Path:
             "window_size": 112,
             "fullatt_block_indexes": [7, 15, 23, 31],
         },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=True,
-        dtype="bfloat16",
     )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
 
@@ -135,10 +136,34 @@ def build_tiny_processor() -> Qwen2_5_VLProcessor:
     )
 
 
-def tiny_qwen_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
-    """Tiny Qwen2.5-VL sizes; vocabulary and special-token ids come from `tokenizer`."""
+def qwen2_5_vl_config(
+    tokenizer: Qwen2Tokenizer, text_sizes: dict[str, Any], vision_sizes: dict[str, Any]
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the given text and vision sizes, with its special-token ids read from `tokenizer`
+    (as the released checkpoints wire them) and tied embeddings, stored in bf16."""
     token_id = tokenizer.convert_tokens_to_ids
     text_config = {
+        **text_sizes,
+        "bos_token_id": token_id("<|endoftext|>"),
+        "eos_token_id": token_id("<|im_end|>"),
+        "pad_token_id": token_id("<|endoftext|>"),
+        "tie_word_embeddings": True,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_sizes,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+
+
+def tiny_qwen_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    """Tiny Qwen2.5-VL sizes; vocabulary and special-token ids come from `tokenizer`."""
+    text_sizes = {
         "vocab_size": len(tokenizer),
         "hidden_size": 128,
         "intermediate_size": 256,
@@ -149,12 +174,8 @@ def tiny_qwen_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
         "max_window_layers": 2,
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-        "bos_token_id": token_id("<|endoftext|>"),
-        "eos_token_id": token_id("<|im_end|>"),
-        "pad_token_id": token_id("<|endoftext|>"),
-        "tie_word_embeddings": True,
     }
-    vision_config = {
+    vision_sizes = {
         "depth": 2,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -167,16 +188,7 @@ def tiny_qwen_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
         "window_size": 112,
         "fullatt_block_indexes": [1],
     }
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-    )
+    return qwen2_5_vl_config(tokenizer, text_sizes, vision_sizes)
 
 
 def write_tiny_qwen(out_dir: str | Path, seed: int = 0) -> Path:
