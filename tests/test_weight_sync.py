@@ -40,6 +40,26 @@ def test_buckets_respect_the_size_and_a_large_tensor_travels_alone():
         list(pack_buckets(weights, bucket_bytes=0))
 
 
+def test_ring_buckets_alternate_between_the_ring_buffers_and_a_large_tensor_gets_its_own():
+    """The pipelined IPC sender's layout: bucket k lives in ring[k % 2] (one IPC handle per buffer), so only
+    two buffers exist however many buckets; a tensor larger than a ring slot is packed apart."""
+    weights = _weights()
+    ring = [torch.empty(5000, dtype=torch.uint8) for _ in range(2)]
+    buckets = []
+    for bucket in pack_buckets(weights, bucket_bytes=5000, ring=ring):
+        # unpack now: the buffer of bucket k is rewritten by bucket k + 2
+        buckets.append((bucket.names, bucket.buffer, [t.clone() for _, t in unpack_bucket(bucket)]))
+    assert len(buckets) == 3
+    owners = [
+        next((i for i, r in enumerate(ring) if b.data_ptr() == r.data_ptr()), None) for _, b, _ in buckets
+    ]
+    assert owners == [0, None, 0]  # bucket 1 is "big" (60,000 bytes): a buffer of its own
+    assert buckets[1][0] == ["big"]
+    unpacked = [t for _, _, tensors in buckets for t in tensors]
+    for got, (_, want) in zip(unpacked, weights, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_checksum_ignores_layout_and_counts_tied_tensors_once():
     weights = _weights()
     a = checksum_weights(weights)

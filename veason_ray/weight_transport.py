@@ -8,6 +8,9 @@ A bucket is one contiguous uint8 buffer holding several tensors back to back, wi
 and byte sizes: this is the layout of vLLM's packed weight transfer (`packed_tensor.unpack_tensor` splits the
 buffer by `tensor_sizes`), so an IPC bucket is handed to vLLM's own consumer unchanged. Buckets are cut at
 `bucket_bytes`; a tensor larger than that travels alone in its own bucket. Never one message per tensor.
+A sender that pipelines (packs the next bucket while the receivers read the previous one) passes a ring of
+preallocated buffers: each bucket is written into the next one in turn, so a CUDA IPC handle is created and
+opened once per buffer instead of once per bucket.
 
 Checksums are taken over the *multiset* of weight values (float64 sum, sum of absolute values and sum of
 squares), so they are equal for the learner's Hugging Face tensors and the engine's fused ones (vLLM fuses
@@ -17,7 +20,7 @@ not see is a permutation of values, which no weight update produces by accident.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,33 +49,45 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def pack_buckets(
-    weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int = 0
+    weights: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    version: int = 0,
+    ring: Sequence[torch.Tensor] = (),
 ) -> Iterator[WeightBucket]:
     """Buckets of at most `bucket_bytes` bytes (a single larger tensor gets a bucket of its own), on the
-    tensors' device, in the order the weights come. Tensors are copied; the inputs are left untouched."""
+    tensors' device, in the order the weights come. Tensors are copied; the inputs are left untouched.
+
+    With `ring` (uint8 buffers on the tensors' device), bucket k's buffer is a view into ring[k % len(ring)]
+    when it fits there (a freshly allocated one when it does not): the caller must be done with bucket
+    k - len(ring) before it asks for bucket k."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     pending: list[tuple[str, torch.Tensor]] = []
-    size = 0
+    size = index = 0
     for name, tensor in weights:
         nbytes = tensor.numel() * tensor.element_size()
         if pending and size + nbytes > bucket_bytes:
-            yield _pack(pending, version)
-            pending, size = [], 0
+            yield _pack(pending, version, ring[index % len(ring)] if ring else None)
+            pending, size, index = [], 0, index + 1
         pending.append((name, tensor.detach()))
         size += nbytes
     if pending:
-        yield _pack(pending, version)
+        yield _pack(pending, version, ring[index % len(ring)] if ring else None)
 
 
-def _pack(items: list[tuple[str, torch.Tensor]], version: int) -> WeightBucket:
+def _pack(items: list[tuple[str, torch.Tensor]], version: int, slot: torch.Tensor | None) -> WeightBucket:
     flat = [t.contiguous().view(-1).view(torch.uint8) for _, t in items]
+    total = sum(f.numel() for f in flat)
+    if slot is not None and total <= slot.numel():
+        buffer = torch.cat(flat, out=slot[:total])
+    else:
+        buffer = torch.cat(flat)
     return WeightBucket(
         names=[name for name, _ in items],
         dtype_names=[dtype_name(t.dtype) for _, t in items],
         shapes=[list(t.shape) for _, t in items],
         tensor_sizes=[f.numel() for f in flat],
-        buffer=torch.cat(flat),
+        buffer=buffer,
         version=version,
     )
 
