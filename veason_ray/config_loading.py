@@ -19,7 +19,13 @@ import yaml
 from veason_ray.config import VeasonConfig
 
 BASE_KEY = "_base_"
-SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+# (section, field) pairs that hold credentials; never written or printed in the clear.
+SECRET_FIELDS = (
+    ("storage", "access_key_id"),
+    ("storage", "secret_access_key"),
+    ("storage", "session_token"),
+    ("cot", "api_key"),
+)
 
 
 class ConfigError(ValueError):
@@ -56,10 +62,9 @@ def config_to_dict(cfg: Any, redact_secrets: bool = True) -> dict[str, Any]:
     """The tree as plain data; credentials are replaced by '***' unless `redact_secrets` is False."""
     data = dataclasses.asdict(cfg)
     if redact_secrets:
-        storage = data.get("storage", {})
-        for name in SECRET_FIELDS:
-            if storage.get(name):
-                storage[name] = "***"
+        for section, name in SECRET_FIELDS:
+            if data.get(section, {}).get(name):
+                data[section][name] = "***"
     return data
 
 
