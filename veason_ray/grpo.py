@@ -69,14 +69,19 @@ def _zero_padding(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, values, values.new_zeros(()))
 
 
-def _aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
-    """Masked mean of (B, L) values: per sequence then over sequences with >= 1 token, or over all tokens."""
+def _aggregate(
+    values: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation, normalizer: float | None = None
+) -> torch.Tensor:
+    """Masked mean of (B, L) values: per sequence then over sequences with >= 1 token, or over all tokens.
+    With `normalizer`, the sum is divided by it instead of by this batch's own count of sequences (tokens)."""
     if aggregation == "token_mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        count = mask.sum().clamp(min=1) if normalizer is None else normalizer
+        return (values * mask).sum() / count
     if aggregation == "seq_mean_token_mean":
         tokens = mask.sum(dim=-1)
         per_sequence = (values * mask).sum(dim=-1) / tokens.clamp(min=1)
-        return per_sequence.sum() / (tokens > 0).sum().clamp(min=1)
+        count = (tokens > 0).sum().clamp(min=1) if normalizer is None else normalizer
+        return per_sequence.sum() / count
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
@@ -88,6 +93,7 @@ def grpo_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     config: GRPOLossConfig | None = None,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of a padded batch and its metrics.
 
@@ -96,6 +102,9 @@ def grpo_policy_loss(
     no KL term); entropy: (B, L) per-token entropy of the policy (None: no bonus); advantages: (B,) per sequence
     or (B, L) per token; response_mask: (B, L), 1 on response tokens, 0 on padding. Padded positions may
     hold anything (-inf, NaN): they are replaced before any arithmetic and receive zero gradient.
+    normalizer: when this batch is one micro-batch of a larger one, the larger batch's count of sequences
+    with >= 1 response token ("seq_mean_token_mean") or of response tokens ("token_mean"); the loss, pg_loss,
+    kl and entropy of all micro-batches then sum to the larger batch's values. None: this batch alone.
     Returns the scalar loss and float metrics (masked token means unless named otherwise): loss, pg_loss, kl,
     entropy, clip_fraction, ppo_kl, ratio_mean, ratio_min, ratio_max.
     """
@@ -113,16 +122,16 @@ def grpo_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - config.clip_ratio, 1.0 + config.clip_ratio)
     token_loss = torch.maximum(unclipped, clipped)
-    pg_loss = _aggregate(token_loss, mask, config.aggregation)
+    pg_loss = _aggregate(token_loss, mask, config.aggregation, normalizer)
     loss = pg_loss
     kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     if ref_logprobs is not None:
         token_kl = low_var_kl(logprobs, _zero_padding(ref_logprobs, valid), config.kl_clamp)
-        kl = _aggregate(token_kl, mask, config.aggregation)
+        kl = _aggregate(token_kl, mask, config.aggregation, normalizer)
         loss = loss + config.kl_coef * kl
     mean_entropy = torch.zeros_like(kl)
     if entropy is not None:
-        mean_entropy = _aggregate(_zero_padding(entropy, valid), mask, config.aggregation)
+        mean_entropy = _aggregate(_zero_padding(entropy, valid), mask, config.aggregation, normalizer)
         loss = loss - config.entropy_coef * mean_entropy
     metrics = _loss_metrics(
         loss, pg_loss, kl, mean_entropy, unclipped, clipped, log_ratio, ratio, response_mask

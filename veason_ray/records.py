@@ -4,6 +4,7 @@
     PromptGroup  one Sample + its group id: the unit of GRPO (n responses share it)
     Rollout      one sampled response of a group, with its tokens and log-probabilities
     Scored       a Rollout with its reward parts
+    TrainItem    one response with its advantage, as the learner receives it
 
 Frames may travel as an array or as a reference into Ray's object store (put once per sample, not copied per
 response); this module never imports ray, so `frames` is typed loosely and `resolve_frames` is given a getter.
@@ -101,3 +102,15 @@ class Scored:
     rollout: Rollout
     reward: RewardBreakdown
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainItem:
+    """One response to learn from, as the driver hands it to the learner: its group (frames by reference;
+    items of one group share the object, so it is pickled once), the response tokens, the log-probs the engine
+    reported for them, and the response's GRPO advantage."""
+
+    group: PromptGroup
+    token_ids: list[int]
+    logprobs: list[float]
+    advantage: float

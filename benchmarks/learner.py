@@ -1,0 +1,144 @@
+"""Learner benchmark: one GRPO update of Qwen2.5-VL-3B shapes on the DeepSpeed learner group.
+
+Default (GPU): a random-init Qwen2.5-VL-3B (real shapes, the tiny tokenizer), 16 groups x 8 responses = 128
+sequences of 6 frames at 560x560 (~2,500 prompt tokens) + 300 response tokens, one learner rank on one GPU,
+bf16, gradient checkpointing, the reference model for the KL term. Two settings, each timed on its second
+update (the first pays one-off costs: DeepSpeed's CPU Adam build, allocator warm-up):
+    full   all 3.75 B parameters, ZeRO-2, optimizer states offloaded to CPU (DeepSpeedCPUAdam)
+    lora   LoRA rank 64 on the language model's linear layers, reference = the policy with adapters off
+Prints seconds per update, tokens/s ((prompt + response) tokens / update seconds), response tokens/s and the
+peak GPU memory of the rank.
+
+    python benchmarks/learner.py                  # GPU, 3B shapes
+    python benchmarks/learner.py --tiny           # CPU check: tiny model, 2 gloo ranks
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from actors.learner import LearnerGroup  # noqa: E402
+from benchmarks.rollout import make_groups, write_random_3b  # noqa: E402
+from veason_ray.config import VeasonConfig  # noqa: E402
+from veason_ray.records import TrainItem  # noqa: E402
+
+
+def make_items(
+    groups: int, n: int, frames: int, size: int, response_tokens: int, vocab: int
+) -> list[TrainItem]:
+    """n responses of exactly `response_tokens` random text tokens per group, advantages of a real group."""
+    rng = np.random.default_rng(1)
+    items = []
+    for group in make_groups(groups, frames, size):
+        advantages = rng.standard_normal(n)
+        for i in range(n):
+            tokens = rng.integers(100, vocab, response_tokens).tolist()
+            items.append(TrainItem(group, tokens, [], float(advantages[i])))
+    return items
+
+
+def learner_config(setting: str, tiny: bool, micro_batch_size: int) -> VeasonConfig:
+    cfg = VeasonConfig()
+    lc = cfg.learner
+    lc.workers = 2 if tiny else 1
+    lc.gpus_per_worker = 0 if tiny else 1
+    lc.micro_batch_size = micro_batch_size
+    lc.bf16 = not tiny
+    lc.gradient_checkpointing = True
+    lc.zero_stage = 2
+    lc.offload_optimizer = setting == "full" and not tiny
+    lc.lora.enabled = setting == "lora"
+    cfg.model.dtype = "float32" if tiny else "bfloat16"
+    return cfg
+
+
+def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argparse.Namespace) -> dict:
+    cfg = learner_config(setting, args.tiny, args.micro_batch_size)
+    start = time.perf_counter()
+    group = LearnerGroup(cfg, model_dir)
+    setup = time.perf_counter() - start
+    try:
+        first = group.update(items)
+        group.device_memory()  # reset the peak: the second update is the measured one
+        second = group.update(items)
+        memory = group.device_memory()[0]
+    finally:
+        group.shutdown()
+    return {
+        "setting": setting,
+        "setup_s": setup,
+        "first_s": first["update_seconds"],
+        "update_s": second["update_seconds"],
+        "tokens": second["tokens"],
+        "response_tokens": second["response_tokens"],
+        "tok_s": second["tokens_per_second"],
+        "resp_tok_s": second["response_tokens"] / second["update_seconds"],
+        "peak_gib": memory.get("peak_allocated_gib", float("nan")),
+        "trainable": group.setup_info[0]["trainable_params"],
+        "grad_norm": second["grad_norm"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny model, 2 CPU ranks (a check of the script)")
+    parser.add_argument("--settings", default="full,lora")
+    parser.add_argument("--groups", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--response-tokens", type=int, default=300)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    args = parser.parse_args()
+    if args.tiny:
+        args.groups, args.n, args.response_tokens, args.micro_batch_size = 2, 2, 16, 2
+    frames, size = (2, 112) if args.tiny else (6, 560)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            from veason_ray.models.tiny_qwen import write_tiny_qwen
+
+            model_dir = str(write_tiny_qwen(Path(tmp) / "qwen2_5_vl_tiny", seed=0))
+        else:
+            model_dir = str(write_random_3b(Path(tmp) / "qwen2_5_vl_3b_random"))
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
+        items = make_items(args.groups, args.n, frames, size, args.response_tokens, min(vocab, 150000))
+        rows = [run_setting(s, model_dir, items, args) for s in args.settings.split(",")]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"\nLearner: one GRPO update, {len(items)} sequences, {frames} frames at {size}, "
+          f"{args.response_tokens} response tokens, micro-batch {args.micro_batch_size}, {device}")  # fmt: skip
+    header = (
+        "setting",
+        "trainable",
+        "setup s",
+        "1st update s",
+        "update s",
+        "tokens",
+        "tok/s",
+        "resp tok/s",
+        "peak GiB",
+    )
+    print(" | ".join(header))
+    for r in rows:
+        print(
+            f"{r['setting']} | {r['trainable'] / 1e6:.1f} M | {r['setup_s']:.0f} | {r['first_s']:.1f} | "
+            f"{r['update_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f}"
+        )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Sequences, padding and response log-probs of the learner (pure torch, tiny Qwen2.5-VL, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from veason_ray.prompts import build_messages
+from veason_ray.training.policy_forward import response_logprobs
+from veason_ray.training.policy_weights import named_weights
+from veason_ray.training.sequences import (
+    PolicySequence,
+    collate,
+    encode_prompt,
+    loss_mask,
+    split_micro_batches,
+)
+from veason_ray.weight_transport import checksum_weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from veason_ray.models.tiny_qwen import write_tiny_qwen
+
+    model_dir = write_tiny_qwen(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl_tiny", seed=0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def _prompt(processor, frames: int, seed: int):
+    rng = np.random.default_rng(seed)
+    images = list(rng.integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8))
+    return encode_prompt(processor, build_messages(list(range(0, 2 * frames, 2)), "the red square", images))
+
+
+def _full_forward_logprobs(model, seq: PolicySequence) -> torch.Tensor:
+    """The reference: the whole model on one unpadded sequence, log-softmax of every position."""
+    ids = torch.cat([seq.prompt.input_ids, seq.response_ids])[None]
+    extra = {k: torch.cat([v, torch.zeros_like(seq.response_ids)])[None] for k, v in seq.prompt.token_inputs.items()}
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra, **seq.prompt.vision_inputs).logits
+    p = len(seq.prompt)
+    logp = torch.log_softmax(logits[0, p - 1 : -1].float(), -1)
+    return logp.gather(-1, seq.response_ids[:, None]).squeeze(-1)
+
+
+def test_padded_batch_logprobs_equal_each_sequence_alone(tiny):
+    model, processor = tiny
+    gen = torch.Generator().manual_seed(0)
+    sequences = [
+        PolicySequence(_prompt(processor, 2, 0), torch.randint(100, 300, (7,), generator=gen)),
+        PolicySequence(_prompt(processor, 3, 1), torch.randint(100, 300, (12,), generator=gen)),
+        PolicySequence(_prompt(processor, 2, 2), torch.randint(100, 300, (3,), generator=gen)),
+    ]
+    assert len({len(s.prompt) for s in sequences}) == 2  # different prompt lengths: real padding
+    batch = collate(sequences, pad_id=0)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(model, batch, with_entropy=True)
+    for row, seq in enumerate(sequences):
+        n = int(seq.response_ids.numel())
+        want = _full_forward_logprobs(model, seq)
+        assert torch.allclose(logprobs[row, :n], want, atol=1e-5), (row, (logprobs[row, :n] - want).abs().max())
+        assert batch.response_mask[row, :n].all() and not batch.response_mask[row, n:].any()
+    assert (entropy[batch.response_mask.bool()] > 0).all()
+    vocab = model.config.text_config.vocab_size
+    assert (entropy <= np.log(vocab) + 1e-4).all()
+
+
+def test_vision_tokens_in_a_response_are_fed_as_pad_and_mask_what_follows(tiny):
+    model, processor = tiny
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    response = torch.tensor([101, 102, image_pad, 103, 104])
+    assert loss_mask(response, [image_pad]).tolist() == [True, True, True, False, False]
+    seq = PolicySequence(_prompt(processor, 2, 0), response)
+    batch = collate([seq], pad_id=0, forbidden_ids=[image_pad])
+    p = len(seq.prompt)
+    assert batch.input_ids[0, p + 2] == 0 and batch.response_ids[0, 2] == image_pad
+    with torch.no_grad():  # the model accepts it (its image-token count still matches the images)
+        logprobs, _ = response_logprobs(model, batch)
+    assert torch.isfinite(logprobs).all()
+
+
+def test_micro_batches_split_in_order():
+    assert split_micro_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        split_micro_batches([1], 0)
+
+
+def test_named_weights_are_the_checkpoint_names_and_merge_lora(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny
+    state = model.state_dict()
+    out = dict(named_weights(model))
+    assert set(out) == set(state) - {"lm_head.weight"}  # tied to embed_tokens: sent once
+    assert checksum_weights(out.items()).matches(checksum_weights(state.items()))
+
+    import copy
+
+    lora = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"),
+    )
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    merged = dict(named_weights(lora))
+    assert set(merged) == set(out)
+    changed = {n for n in out if not torch.equal(out[n], merged[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) and "language_model" in n for n in changed)
+    name = sorted(changed)[0]
+    layer = lora.get_base_model().get_submodule(name.removesuffix(".weight"))
+    want = layer.base_layer.weight + layer.get_delta_weight("default")
+    assert torch.allclose(merged[name], want)

@@ -1,0 +1,185 @@
+"""Prompt + response token sequences with their images, batched for the learner.
+
+A prompt is encoded once per GRPO group with the model's processor, exactly as the rollout engine renders it
+(`actors/rollout.py`: the chat template over `Sample.messages()` with the frames as images), so the learner's
+token ids, M-RoPE positions and vision tokens are those generation used. Each response is appended to its
+prompt; micro-batches are right-padded with an attention mask.
+
+Vision special tokens inside a response (`<|image_pad|>` ...; a random policy emits them, see
+`rollout.suppress_vision_tokens`) cannot be fed back: Qwen2.5-VL would count them as image slots. They are fed as
+the pad token instead; the sampled token itself keeps its log-probability (its context is what the engine saw)
+and every later token of that response is left out of the loss, since its context no longer matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Processor outputs batched along the token axis (one value per prompt token); everything else the processor
+# returns (pixel_values, image_grid_thw) is concatenated over the batch's images.
+_NOT_PER_TOKEN = ("input_ids", "attention_mask")
+
+
+@dataclass
+class EncodedPrompt:
+    """One rendered prompt: token ids (P,), per-token extra inputs such as `mm_token_type_ids` (P,), and the
+    vision inputs of its images (`pixel_values` (patches, dim), `image_grid_thw` (images, 3))."""
+
+    input_ids: torch.Tensor
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def encode_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> EncodedPrompt:
+    """The prompt of `messages` (our chat-content format, images inline) as the model reads it, ending with the
+    assistant turn's header (the generation prompt)."""
+    from veason_ray.models.hf_policy import split_images
+
+    stripped, images = split_images(messages)
+    text = processor.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
+    out = processor(text=[text], images=images or None, return_tensors="pt")
+    length = out["input_ids"].shape[1]
+    token_inputs, vision_inputs = {}, {}
+    for key, value in out.items():
+        if key in _NOT_PER_TOKEN or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() == 2 and value.shape == (1, length):
+            token_inputs[key] = value[0]
+        else:
+            vision_inputs[key] = value
+    return EncodedPrompt(out["input_ids"][0], token_inputs, vision_inputs)
+
+
+@dataclass
+class PolicySequence:
+    """One response to learn from. response_ids (R,); advantage: the GRPO advantage of the response;
+    old_logprobs / ref_logprobs (R,) float32 under the sampling policy and the reference (None until known)."""
+
+    prompt: EncodedPrompt
+    response_ids: torch.Tensor
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + int(self.response_ids.numel())
+
+
+def loss_mask(response_ids: torch.Tensor, forbidden_ids: Iterable[int]) -> torch.Tensor:
+    """(R,) bool: True up to and including the first forbidden (vision) token, False after it."""
+    forbidden = torch.as_tensor(sorted(set(forbidden_ids)), dtype=response_ids.dtype)
+    hit = (
+        torch.isin(response_ids, forbidden)
+        if forbidden.numel()
+        else torch.zeros_like(response_ids, dtype=bool)
+    )
+    after_first = (torch.cumsum(hit.long(), 0) - hit.long()) > 0
+    return ~after_first
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors of B sequences.
+
+    input_ids, attention_mask: (B, L); token_inputs: per-token extra inputs (B, L); vision_inputs: concatenated
+    over the batch's images. response_positions (B, R): for response token j of row b, the position whose
+    logits predict it (prompt length + j - 1); response_ids (B, R); response_mask (B, R) float, 1 on tokens
+    that enter the loss; advantages (B,); old_logprobs / ref_logprobs (B, R) or None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_inputs: dict[str, torch.Tensor]
+    vision_inputs: dict[str, torch.Tensor]
+    response_positions: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    response_lengths: list[int]
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        def move(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return x.to(device, non_blocking=True)
+            if isinstance(x, dict):
+                return {k: move(v) for k, v in x.items()}
+            return x
+
+        return MicroBatch(**{name: move(getattr(self, name)) for name in self.__dataclass_fields__})
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(
+    sequences: Sequence[PolicySequence], pad_id: int, forbidden_ids: Iterable[int] = ()
+) -> MicroBatch:
+    """One right-padded micro-batch; forbidden (vision) ids in responses are fed as `pad_id` and masked as
+    `loss_mask` says."""
+    if not sequences:
+        raise ValueError("collate needs at least one sequence")
+    forbidden = sorted(set(forbidden_ids))
+    length = max(s.num_tokens for s in sequences)
+    width = max(1, max(int(s.response_ids.numel()) for s in sequences))
+    batch = len(sequences)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    keys = sorted(sequences[0].prompt.token_inputs)
+    token_inputs = {
+        k: torch.zeros((batch, length), dtype=sequences[0].prompt.token_inputs[k].dtype) for k in keys
+    }
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    targets = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.float32)
+    old = torch.zeros((batch, width)) if all(s.old_logprobs is not None for s in sequences) else None
+    ref = torch.zeros((batch, width)) if all(s.ref_logprobs is not None for s in sequences) else None
+    for row, seq in enumerate(sequences):
+        prompt, response = seq.prompt, seq.response_ids.long()
+        p, r = len(prompt), int(response.numel())
+        fed = response.clone()
+        if forbidden:
+            fed[torch.isin(fed, torch.tensor(forbidden, dtype=fed.dtype))] = pad_id
+        input_ids[row, :p] = prompt.input_ids
+        input_ids[row, p : p + r] = fed
+        attention[row, : p + r] = 1
+        for k in keys:
+            token_inputs[k][row, :p] = prompt.token_inputs[k]  # response tokens are text (0)
+        positions[row, :r] = torch.arange(p - 1, p + r - 1)
+        targets[row, :r] = response
+        mask[row, :r] = loss_mask(response, forbidden).float()
+        if old is not None:
+            old[row, :r] = seq.old_logprobs
+        if ref is not None:
+            ref[row, :r] = seq.ref_logprobs
+    vision_keys = sorted(sequences[0].prompt.vision_inputs)
+    vision = {k: torch.cat([s.prompt.vision_inputs[k] for s in sequences]) for k in vision_keys}
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        token_inputs=token_inputs,
+        vision_inputs=vision,
+        response_positions=positions,
+        response_ids=targets,
+        response_mask=mask,
+        advantages=torch.tensor([float(s.advantage) for s in sequences], dtype=torch.float32),
+        old_logprobs=old,
+        ref_logprobs=ref,
+        response_lengths=[int(s.response_ids.numel()) for s in sequences],
+    )
+
+
+def split_micro_batches(items: Sequence[Any], size: int) -> list[list[Any]]:
+    """Consecutive chunks of at most `size` items (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"learner.micro_batch_size must be >= 1, got {size}")
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
