@@ -14,17 +14,19 @@ their count, so every answer token weighs the same whatever the split into ranks
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from veason_ray.answer_parsing import ParsedAnswer, parse_answer
+from veason_ray.answer_parsing import ParsedAnswer, ParseFailure, parse_answer
 from veason_ray.rewards import format_reward
 from veason_ray.training.sequences import PolicySequence, encode_prompt
 
 END_OF_TURN = "<|im_end|>"
+SAMPLES_KEPT = 3
 
 
 def response_ids(tokenizer: Any, answer: str) -> torch.Tensor:
@@ -103,6 +105,8 @@ class FormatScore:
     parsed: int
     format_match: int
     format_reward_sum: float
+    failures: dict[str, int] = field(default_factory=dict)  # ParseFailureReason value -> count
+    samples: list[str] = field(default_factory=list)  # the first few answers, for a look at what went wrong
 
     @property
     def parse_rate(self) -> float:
@@ -122,6 +126,8 @@ class FormatScore:
             "parse_rate": self.parse_rate,
             "format_match_rate": self.format_match_rate,
             "format_reward_mean": self.format_reward_mean,
+            "failures": dict(self.failures),
+            "samples": list(self.samples),
         }
 
     def __add__(self, other: FormatScore) -> FormatScore:
@@ -130,6 +136,8 @@ class FormatScore:
             self.parsed + other.parsed,
             self.format_match + other.format_match,
             self.format_reward_sum + other.format_reward_sum,
+            dict(Counter(self.failures) + Counter(other.failures)),
+            (self.samples + other.samples)[:SAMPLES_KEPT],
         )
 
 
@@ -141,6 +149,8 @@ def score_answers(answers: Sequence[str]) -> FormatScore:
         parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
         format_match=sum(p.format_match for p in parsed),
         format_reward_sum=sum(format_reward(p) for p in parsed),
+        failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
+        samples=list(answers[:SAMPLES_KEPT]),
     )
 
 
