@@ -149,6 +149,7 @@ class SAM2RewardPool:
         cache_dir: str | None = None,
         worker: type = SAM2RewardWorker,
         start_timeout_s: float | None = None,
+        scheduling: Sequence[Any] | None = None,
     ):
         if reward_cfg.actors < 1:
             raise ValueError(f"reward.actors must be >= 1, got {reward_cfg.actors}")
@@ -160,7 +161,9 @@ class SAM2RewardPool:
         self._calls: dict[int, _Call] = {}
         self._queued: list[int] = []
         self._done: list[tuple[int, list[Scored]]] = []  # (ticket, scored), in completion order
-        self._slots = [self._start_actor() for _ in range(reward_cfg.actors)]
+        # Per actor, Ray scheduling options (a placement-group bundle); a replacement goes where it was.
+        self._scheduling = list(scheduling or [{}] * reward_cfg.actors)
+        self._slots = [self._start_actor(i) for i in range(reward_cfg.actors)]
         try:
             incarnations = ray.get([slot.ready_ref for slot in self._slots], timeout=self._start_timeout_s)
         except Exception:
@@ -230,13 +233,14 @@ class SAM2RewardPool:
 
     # -- scheduling -------------------------------------------------------------------------------------
 
-    def _start_actor(self) -> _Slot:
+    def _start_actor(self, index: int) -> _Slot:
         handle = self._remote.options(
             num_gpus=self.cfg.gpus_per_actor,
             num_cpus=self.cfg.cpus_per_actor,
             max_restarts=self.cfg.max_restarts,
             max_task_retries=0,  # retries are the pool's: counted, bounded, and free to move to another actor
             max_concurrency=_ACTOR_THREADS,
+            **self._scheduling[index],
         ).remote(*self._args)
         return _Slot(handle, handle.ready.remote())
 
@@ -353,7 +357,8 @@ class SAM2RewardPool:
         for ticket in list(slot.calls):
             self._fail(self._calls[ticket], "reward actor replaced")
         ray.kill(slot.handle, no_restart=True)
-        self._slots[self._slots.index(slot)] = self._start_actor()
+        index = self._slots.index(slot)
+        self._slots[index] = self._start_actor(index)
 
     def _fail(self, call: _Call, reason: str) -> None:
         """Count a failed attempt: retry the group, or after `max_retries` retries score it without SAM2."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayActorError
@@ -27,18 +28,46 @@ from veason_ray.weight_transport import WeightChecksum
 log = logging.getLogger(__name__)
 
 
+class WeightSender(Protocol):
+    """Whoever holds the weights the pool should serve: pushes them to engines as a version, and re-sends the
+    latest to restarted engines (None when nothing was pushed yet)."""
+
+    def push(self, engines: Sequence[Any], version: int) -> SyncReport: ...
+
+    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None: ...
+
+
+@dataclass
+class SourceSender:
+    """A WeightSender for weights held in the calling process: a transport and a source of named tensors."""
+
+    transport: WeightTransport
+    source: WeightSource
+
+    def push(self, engines: Sequence[Any], version: int) -> SyncReport:
+        return self.transport.push(engines, self.source, version)
+
+    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
+        return self.transport.replay(engines, all_engines)
+
+
 class RolloutPool:
     """`rollout.engines` RolloutEngine actors with restarts, weight versions and sleep/wake."""
 
     def __init__(
-        self, model_dir: str, cfg: RolloutConfig, dtype: str = "bfloat16", seed: int | None = 0
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        dtype: str = "bfloat16",
+        seed: int | None = 0,
+        scheduling: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         self.model_dir = str(model_dir)
         self.cfg = cfg
         self.dtype = dtype
         self.seed = seed
         self.version = 0
-        self.transport: WeightTransport | None = None
+        self.sender: WeightSender | None = None
         self.asleep = False
         self.restarts = 0
         self.restart_seconds: list[float] = []
@@ -47,13 +76,17 @@ class RolloutPool:
         self._actor_cls = ray.remote(
             num_cpus=cfg.cpus_per_engine, num_gpus=gpus, max_restarts=0, runtime_env=quiet
         )(RolloutEngine)
-        self.engines = [self._spawn() for _ in range(cfg.engines)]
+        # Per engine, Ray scheduling options (its placement-group bundle); a restart goes where it was.
+        self._scheduling = list(scheduling or [{}] * cfg.engines)
+        self.engines = [self._spawn(i) for i in range(cfg.engines)]
         start = time.perf_counter()
         self.engine_info = ray.get([e.ready.remote() for e in self.engines])
         self.start_seconds = time.perf_counter() - start
 
-    def _spawn(self) -> Any:
-        return self._actor_cls.remote(self.model_dir, self.cfg, self.dtype, self.seed or 0)
+    def _spawn(self, index: int) -> Any:
+        return self._actor_cls.options(**self._scheduling[index]).remote(
+            self.model_dir, self.cfg, self.dtype, self.seed or 0
+        )
 
     # ---- generation ----
 
@@ -62,18 +95,24 @@ class RolloutPool:
     ) -> list[list[Rollout]]:
         """Per group (in input order), its n rollouts. Blocks until all are done or the restart budget is
         spent (RolloutEngineError)."""
+        results: dict[int, list[list[Rollout]]] = dict(self.generate_stream(groups, sampling, n))
+        return [rollouts for start in sorted(results) for rollouts in results[start]]
+
+    def generate_stream(
+        self, groups: Sequence[PromptGroup], sampling: SamplingConfig | None = None, n: int | None = None
+    ) -> Iterator[tuple[int, list[list[Rollout]]]]:
+        """As each engine finishes its chunk: (index of the chunk's first group, its groups' rollouts), so the
+        caller can score a chunk while the other engines still generate."""
         sampling = sampling or self.cfg.sampling
         n = n or self.cfg.n
         groups = list(groups)
-        chunks = _split(len(groups), len(self.engines))
-        results: dict[int, list[list[Rollout]]] = {}
         pending: dict[ray.ObjectRef, tuple[int, slice, float]] = {}
 
         def submit(engine: int, part: slice) -> None:
             ref = self.engines[engine].generate.remote(groups[part], sampling, n, self.seed)
             pending[ref] = (engine, part, time.monotonic() + self.cfg.request_timeout_s)
 
-        for engine, part in enumerate(chunks):
+        for engine, part in enumerate(_split(len(groups), len(self.engines))):
             if part.stop > part.start:
                 submit(engine, part)
         budget = self.cfg.max_restarts
@@ -83,10 +122,12 @@ class RolloutPool:
             failed: list[tuple[ray.ObjectRef, str]] = []
             for ref in ready:
                 try:
-                    results[pending[ref][1].start] = ray.get(ref)
-                    del pending[ref]
+                    rollouts = ray.get(ref)
                 except RayActorError as e:
                     failed.append((ref, f"died: {type(e).__name__}"))
+                    continue
+                _, part, _ = pending.pop(ref)
+                yield part.start, rollouts
             now = time.monotonic()
             failed += [(ref, "hung") for ref, (_, _, d) in pending.items() if d <= now and ref not in ready]
             for ref, why in failed:
@@ -109,7 +150,6 @@ class RolloutPool:
                 )
                 self.restart(engine)
                 submit(engine, part)
-        return [rollouts for start in sorted(results) for rollouts in results[start]]
 
     # ---- health ----
 
@@ -117,10 +157,10 @@ class RolloutPool:
         """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds."""
         start = time.perf_counter()
         ray.kill(self.engines[engine], no_restart=True)
-        self.engines[engine] = self._spawn()
+        self.engines[engine] = self._spawn(engine)
         self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
-        if self.transport is not None and self.version:
-            self.transport.replay([self.engines[engine]], self.engines)
+        if self.sender is not None and self.version:
+            self.sender.replay([self.engines[engine]], self.engines)
         if self.asleep:
             ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
         seconds = time.perf_counter() - start
@@ -131,15 +171,19 @@ class RolloutPool:
     # ---- weights ----
 
     def update_weights(self, transport: WeightTransport, source: WeightSource) -> SyncReport:
-        """Push `source` as the next weight version. A sleeping pool wakes in `rollout.wake_order`: the tags
-        up to and including "weights" before the push, the rest (the KV cache) after it, so old weights, new
-        weights and the KV cache never hold memory at once."""
+        """Push `source` (weights held in this process) through `transport`; see `sync_weights`."""
+        return self.sync_weights(SourceSender(transport, source))
+
+    def sync_weights(self, sender: WeightSender) -> SyncReport:
+        """Push the sender's weights as the next weight version (the learner group is a sender). A sleeping
+        pool wakes in `rollout.wake_order`: the tags up to and including "weights" before the push, the rest
+        (the KV cache) after it, so old weights, new weights and the KV cache never hold memory at once."""
         order = list(self.cfg.wake_order)
         split = order.index("weights") + 1 if "weights" in order else 0
         if self.asleep:
             self.wake(order[:split])
-        self.transport = transport
-        report = transport.push(self.engines, source, self.version + 1)
+        self.sender = sender
+        report = sender.push(self.engines, self.version + 1)
         self.version = report.version
         if self.asleep:
             self.wake(order[split:])
@@ -184,4 +228,4 @@ def _split(items: int, parts: int) -> list[slice]:
     return slices
 
 
-__all__ = ["RolloutPool"]
+__all__ = ["RolloutPool", "SourceSender", "WeightSender"]

@@ -2,8 +2,9 @@
 
 Default (GPU): a random-init Qwen2.5-VL-3B (real shapes, the tiny tokenizer), 16 groups x 8 responses = 128
 sequences of 6 frames at 560x560 (~2,500 prompt tokens) + 300 response tokens, one learner rank on one GPU,
-bf16, gradient checkpointing, the reference model for the KL term. Two settings, each timed on its second
-update (the first pays one-off costs: DeepSpeed's CPU Adam build, allocator warm-up):
+bf16, gradient checkpointing, the reference model for the KL term. Two settings, each timed on a full update
+after a small untimed one (`--warmup-sequences`; it pays the one-off costs: DeepSpeed's CPU Adam build,
+allocator warm-up):
     full   all 3.75 B parameters, ZeRO-2, optimizer states offloaded to CPU (DeepSpeedCPUAdam)
     lora   LoRA rank 64 on the language model's linear layers, reference = the policy with adapters off
 Prints seconds per update, tokens/s ((prompt + response) tokens / update seconds), response tokens/s and the
@@ -69,8 +70,8 @@ def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argp
     group = LearnerGroup(cfg, model_dir)
     setup = time.perf_counter() - start
     try:
-        first = group.update(items)
-        group.device_memory()  # reset the peak: the second update is the measured one
+        first = group.update(items[: args.warmup_sequences])  # one-off costs: CPU Adam build, allocator
+        group.device_memory()  # reset the peak: the full update is the measured one
         second = group.update(items)
         memory = group.device_memory()[0]
     finally:
@@ -79,6 +80,7 @@ def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argp
         "setting": setting,
         "setup_s": setup,
         "first_s": first["update_seconds"],
+        "warmup_sequences": first["sequences"],
         "update_s": second["update_seconds"],
         "tokens": second["tokens"],
         "response_tokens": second["response_tokens"],
@@ -100,9 +102,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=300)
     parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--warmup-sequences", type=int, default=8, help="the untimed first update's size")
     args = parser.parse_args()
     if args.tiny:
         args.groups, args.n, args.response_tokens, args.micro_batch_size = 2, 2, 16, 2
+        args.warmup_sequences = 2
     frames, size = (2, 112) if args.tiny else (6, 560)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +120,10 @@ def main() -> None:
 
         vocab = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
         items = make_items(args.groups, args.n, frames, size, args.response_tokens, min(vocab, 150000))
-        rows = [run_setting(s, model_dir, items, args) for s in args.settings.split(",")]
+        rows = []
+        for setting in args.settings.split(","):
+            rows.append(run_setting(setting, model_dir, items, args))
+            print(f"done: {rows[-1]}", flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"\nLearner: one GRPO update, {len(items)} sequences, {frames} frames at {size}, "
           f"{args.response_tokens} response tokens, micro-batch {args.micro_batch_size}, {device}")  # fmt: skip

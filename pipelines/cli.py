@@ -4,6 +4,7 @@ veason synth --out data/revos            write the synthetic world (ReVOS layout
 veason tiny-models --out models          write the tiny random-init Qwen2.5-VL and SAM2
 veason config [CONFIG] [key=value ...]   print the resolved configuration
 veason demo [CONFIG] [key=value ...]     the embedded default, end to end on a local Ray cluster
+veason grpo CONFIG [key=value ...]       GRPO training (the main job; `ray job submit -- veason grpo ...`)
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-models": ("veason_ray.models.cli", "write tiny random-init Qwen2.5-VL and SAM2 checkpoints"),
     "config": ("pipelines.config_command", "print the resolved configuration (defaults < YAML < overrides)"),
     "demo": ("pipelines.demo", "run the embedded default end to end on a local Ray cluster"),
+    "grpo": ("pipelines.grpo", "GRPO training: rollout, SAM2 reward and learner pools on Ray (the main job)"),
+    "sample": ("pipelines.sample", "write a stratified subset of the training expressions (CoT data)"),
+    "cot": ("pipelines.cot", "generate chain-of-thought SFT records with a teacher VLM (or offline)"),
+    "sft": ("pipelines.sft", "CoT-SFT of the policy on Ray Train + DeepSpeed; exports the HF folder"),
 }
 
 

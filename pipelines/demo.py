@@ -1,18 +1,22 @@
 """`veason demo`: the embedded default, end to end, on a local Ray cluster.
 
-It writes the synthetic world and the tiny random-init models where the config points (when missing), then
-evaluates the policy on the held-out split with SAM2 propagation: prompts, answers, reward parts, J&F, overlays.
-Until the GRPO driver lands (issue 8) this is everything that exists, run end to end.
+It writes the synthetic world and the tiny random-init models where the config points (when missing), evaluates
+the policy on the held-out split (prompts, answers, reward parts, SAM2 propagation, J&F, overlays), runs a short
+GRPO training (`pipelines/grpo.py`: rollout, reward and learner pools, checkpoints, the exported policy), and
+evaluates the trained policy the same way. The random tiny policy does not learn the task in a few steps on
+CPU: the demo shows the machinery and where every output lands, the learning curves come from GPU runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.evaluate import format_report, run_evaluation
+from pipelines.grpo import train
 from pipelines.ray_runtime import init_ray
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import save_config
@@ -78,13 +82,24 @@ def run(args: argparse.Namespace) -> int:
     notes = [ensure_dataset(cfg), *ensure_tiny_models(cfg)]
     print("\n".join(notes), flush=True)
     init_ray(cfg.placement)
-    report = run_evaluation(cfg, output_dir / "eval")
-    print()
-    print(format_report(report))
+    before = run_evaluation(cfg, output_dir / "eval_before")
+    print("\nbefore GRPO\n" + format_report(before), flush=True)
+    result = train(cfg)
+    trained = copy.deepcopy(cfg)
+    trained.model.policy = str(result["policy"])
+    after = run_evaluation(trained, output_dir / "eval")
+    print("\nafter GRPO\n" + format_report(after))
     print()
     print(f"finished in {time.perf_counter() - started:.0f} s; outputs:")
     print(f"  config        {config_path}")
-    print(f"  results       {report.output_dir / 'results.jsonl'}")
-    print(f"  summary       {report.output_dir / 'summary.json'}")
-    print(f"  overlays      {report.output_dir / 'overlays'}/")
+    print(f"  metrics       {output_dir / 'metrics.jsonl'} ({result['steps']} GRPO steps)")
+    print(f"  curves        {result['curves']}")
+    print(f"  samples       {output_dir / 'samples'}/")
+    print(f"  checkpoints   {output_dir / 'checkpoints'}/")
+    print(f"  policy        {result['policy']}")
+    print(
+        f"  results       {after.output_dir / 'results.jsonl'} (before: {before.output_dir / 'results.jsonl'})"
+    )
+    print(f"  summary       {after.output_dir / 'summary.json'}")
+    print(f"  overlays      {after.output_dir / 'overlays'}/")
     return 0

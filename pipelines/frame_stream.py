@@ -316,6 +316,7 @@ class FrameStream:
         mode: Mode = "train",
         epoch: int = 0,
         records: Sequence[ExpressionRecord] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ):
         data = cfg.data
         self.cfg, self.mode, self.epoch = cfg, mode, epoch
@@ -331,6 +332,8 @@ class FrameStream:
         if mode == "train" and data.shuffle:
             order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(self.records))
             self.records = [self.records[i] for i in order]
+        if exclude:  # a resumed epoch: what the interrupted run already trained on is left out
+            self.records = [r for r in self.records if sample_key(r) not in exclude]
         self.stats = StreamStats(progress_every_s=data.progress_every_s)
         self.cache_dir: str | None = None
         if data.cache_uri:
@@ -422,11 +425,13 @@ def iter_prompt_groups(
     first_group_id: int = 0,
     put_frames: bool = False,
     stats: StreamStats | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> Iterator[list[PromptGroup]]:
     """The GRPO driver's input: lists of ``batch_size`` (default trainer.prompts_per_step) PromptGroups of the
     training split for ``epoch``; the last list may be shorter. ``put_frames``: each sample's frames are put in
-    Ray's object store once and travel as a reference. ``stats`` (optional) receives the stream's counts."""
-    stream = FrameStream(cfg, split, "train", epoch)
+    Ray's object store once and travel as a reference. ``stats`` (optional) receives the stream's counts.
+    ``exclude``: sample keys (``Sample.key``) to leave out, e.g. those a resumed run already consumed."""
+    stream = FrameStream(cfg, split, "train", epoch, exclude=exclude)
     if stats is not None:
         stream.stats = stats
     size = batch_size or cfg.trainer.prompts_per_step

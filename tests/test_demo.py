@@ -22,6 +22,7 @@ def test_demo_runs_end_to_end(tmp_path):
         f"run.output_dir={out}", f"data.root={out}/data/revos",
         f"model.policy={out}/models/qwen2_5_vl_tiny", f"reward.sam2.checkpoint={out}/models/sam2_tiny",
         "data.synth.videos=6", "data.synth.frames=8", "eval.max_expressions=4", "eval.write_overlays=1",
+        "trainer.steps=2", "trainer.save_every=1", "trainer.sample_images_every=1",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -45,3 +46,13 @@ def test_demo_runs_end_to_end(tmp_path):
     # the data and models were written where the config said, in the real formats
     assert (out / "data" / "revos" / "meta_expressions_valid_.json").is_file()
     assert (out / "models" / "qwen2_5_vl_tiny" / "config.json").is_file()
+    # the GRPO run between the two evaluations (colocated placement, real pools)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert 0.0 <= m["reward/total"] <= 5.0 and m["learner/sequences"] == 8  # 2 prompts x n=4
+        assert m["weights/version"] == m["step"] and m["time/step_s"] > 0
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (out / "policy_hf" / "config.json").is_file() and (out / "curves.png").is_file()
+    assert sorted((out / "samples").glob("step_000001_*.png"))
+    assert "after GRPO" in done.stdout and "before GRPO" in done.stdout

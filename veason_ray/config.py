@@ -145,9 +145,18 @@ class RolloutConfig:
     enforce_eager: bool = False  # True skips torch.compile and CUDA graphs (fast start; CPU tests, demo)
     max_model_len: int = 8192  # prompt + response tokens
     max_images_per_prompt: int = 8
-    suppress_vision_tokens: bool = True  # never sample <|vision_start|>, <|image_pad|>, ...
+    # never sample <|vision_start|>, <|image_pad|>, ... (a logit_bias: slows vLLM's sampler; the GPU configs turn
+    # it off, a trained Qwen does not emit them and the learner masks any that appear)
+    suppress_vision_tokens: bool = True
     max_restarts: int = 2  # engine restarts one generate call may spend before it fails
     cpus_per_engine: float = 1.0
+    # where vLLM's engine core runs: "inproc" (in the actor: half the start-up on CPU), "separate" (its own
+    # process: scheduling overlaps GPU execution); auto = inproc on CPU, separate with CUDA
+    engine_core_process: Literal["auto", "inproc", "separate"] = "auto"
+    # GRPO groups: prefill each prompt once (1 token) before its n samples, so they hit the prefix cache
+    prefill_first: bool = True
+    # a per-request seed (reproducible whichever engine serves a group) costs vLLM per-request generators
+    seed_requests: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,8 +227,9 @@ class LoRAConfig:
 class LearnerConfig:
     """The DeepSpeed learner and the GRPO loss (paper defaults)."""
 
-    workers: int = 1
+    workers: int = 1  # ranks of the torch.distributed group (data parallel, ZeRO-sharded)
     gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -231,8 +241,15 @@ class LearnerConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # the paper trains the vision tower too
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeedCPUAdam when offloading on GPU
+    warmup_steps: int = 0  # linear lr warm-up, then constant (paper: constant)
+    reduce_bucket_mb: float = 200.0  # ZeRO reduce / all-gather bucket size
+    # "recompute": one optimizer step per rollout batch, so the learner's own forward gives the old log-probs;
+    # "engine": the rollout engine's log-probs (needed when generation runs ahead: trainer.max_staleness > 0)
+    old_logprobs: Literal["recompute", "engine"] = "recompute"
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of exported HF folders
 
 
 @dataclass
@@ -287,6 +304,73 @@ class ServeConfig:
 
 
 @dataclass
+class SampleConfig:
+    """`veason sample`: a stratified subset of `data.train_split` for CoT data (method.md section 6)."""
+
+    target_size: int = 10000  # expressions to keep (all of them when the split has fewer)
+    seed: int = 0
+    output: str = ""  # the selected meta-expressions file; empty = <run.output_dir>/sample/<input file name>
+
+
+@dataclass
+class CoTConfig:
+    """`veason cot`: chain-of-thought records for CoT-SFT from a teacher VLM (method.md section 6).
+
+    The OpenAI-compatible endpoint: `base_url`, `model` and `api_key`, each falling back to OPENAI_BASE_URL,
+    OPENAI_MODEL and OPENAI_API_KEY when empty (the key is never written to logs or errors)."""
+
+    teacher: Literal["openai", "offline"] = "openai"  # offline: template CoT from ground truth
+    meta: str = ""  # a `veason sample` output to read; empty = every expression of `split`
+    split: str = ""  # the split the expressions come from; empty = data.train_split
+    output_dir: str = ""  # local folder of cot.jsonl, failures.jsonl, images/; empty = <run.output_dir>/cot
+    max_samples: int = 0  # 0 = all (the first N in file order otherwise)
+    retry_failed: bool = True  # a rerun retries samples whose last attempt failed (untried ones always run)
+    num_frames: int = 7  # frames per sample, keyframe included (release: up to 7)
+    max_image_width: int = 640  # teacher images are shrunk to fit within this box (pixels, aspect kept)
+    max_image_height: int = 480
+    box_thickness: int = 2  # red box line width in teacher-image pixels
+    base_url: str = ""  # e.g. http://host:8000/v1
+    model: str = ""
+    api_key: str = ""
+    concurrency: int = 32  # requests in flight
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 5  # retries after the first attempt (429, 5xx, timeouts, connection errors)
+    backoff_base_s: float = 1.0  # first retry waits up to this long; doubles per retry (full jitter)
+    backoff_max_s: float = 60.0  # cap of one wait, Retry-After included
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    progress_every_s: float = 10.0  # seconds between progress lines; 0 = none
+
+    def __repr__(self) -> str:  # the API key never reaches logs or error messages
+        return (
+            f"CoTConfig(teacher={self.teacher!r}, base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key={'***' if self.api_key else ''!r})"
+        )
+
+
+@dataclass
+class SFTConfig:
+    """`veason sft`: CoT-SFT of the policy on `veason cot` records (method.md section 6) with Ray Train +
+    DeepSpeed; the ranks, ZeRO stage, LoRA, precision and micro-batch size come from `learner.*`."""
+
+    records: str = (
+        ""  # a cot.jsonl (images beside it); empty = <cot.output_dir or run.output_dir/cot>/cot.jsonl
+    )
+    output_dir: str = ""  # metrics, curve, summary and the exported hf/ folder; empty = <run.output_dir>/sft
+    epochs: int = 3
+    lr: float = 1e-5  # peak AdamW lr (LLaMA-Factory's full-SFT default; LoRA runs usually take 1e-4)
+    warmup_steps: int = 0  # linear warm-up in optimizer steps, then constant
+    grad_clip: float = 1.0  # global gradient-norm clip
+    batch_size: int = 16  # examples per optimizer step over all ranks
+    max_examples: int = 0  # 0 = all records (the first N in file order otherwise)
+    held_out_fraction: float = 0.1  # records kept out of training for the parse-rate evaluation (seeded)
+    eval_every: int = 0  # optimizer steps between parse-rate checks during training; 0 = before/after only
+    eval_examples: int = 0  # held-out examples generated for each evaluation; 0 = all
+    eval_max_new_tokens: int = 1024
+    eval_batch_size: int = 8  # prompts per generate call
+
+
+@dataclass
 class VeasonConfig:
     """The whole system's configuration."""
 
@@ -301,3 +385,6 @@ class VeasonConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cot: CoTConfig = field(default_factory=CoTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)

@@ -1,0 +1,134 @@
+"""Where the three pools run: Ray placement groups built from `placement.mode` and each pool's GPU share.
+
+    colocated       one placement group of G bundles, one per GPU ({"GPU": 1, "CPU": c}); rollout engine i,
+                    learner rank i and reward actor i go to bundle i mod G with their fractional GPU demands,
+                    so they share the GPU through sleep/wake (rollout) and fractions. The shares of one bundle
+                    must add up to at most 1 GPU.
+    disaggregated   one placement group per pool: the rollout engines' bundles, the learner ranks' bundles and
+                    the reward actors' (fractional) bundles are reserved apart, so rollout and learner never
+                    share a GPU; weights travel over NCCL (`rollout.weight_transport=nccl`) on GPUs.
+
+The same config runs on a CPU machine with logical GPUs (`placement.num_gpus`): Ray reserves and schedules
+exactly as on a GPU node. With no GPU at all (every share 0) the bundles hold CPUs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from veason_ray.config import VeasonConfig
+
+
+@dataclass
+class Placement:
+    """Per pool, the scheduling options of each of its actors (give them to the pools' constructors)."""
+
+    rollout: list[dict[str, Any]]
+    learner: list[dict[str, Any]]
+    reward: list[dict[str, Any]]
+    groups: list[PlacementGroup] = field(default_factory=list)
+    description: str = ""
+
+    def remove(self) -> None:
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
+
+
+def _in(group: PlacementGroup, bundle: int) -> dict[str, Any]:
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=bundle, placement_group_capture_child_tasks=False
+        )
+    }
+
+
+def _bundle(gpus: float, cpus: float) -> dict[str, float]:
+    bundle = {"CPU": max(cpus, 0.001)}
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def _ready(group: PlacementGroup, what: str, timeout_s: float) -> PlacementGroup:
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"placement: the cluster cannot reserve {what} ({group.bundle_specs}) within {timeout_s:.0f} s; "
+            "lower the GPU shares (rollout.gpus_per_engine, learner.gpus_per_worker, reward.gpus_per_actor) "
+            "or add GPUs (placement.num_gpus on a CPU machine)"
+        ) from None
+    return group
+
+
+def build_placement(cfg: VeasonConfig, timeout_s: float = 120.0) -> Placement:
+    """Reserve the placement groups of `placement.mode` and say where each actor goes."""
+    ro, le, re = cfg.rollout, cfg.learner, cfg.reward
+    rollout_gpus = ro.gpus_per_engine * ro.tensor_parallel_size
+    if cfg.placement.mode == "colocated":
+        return _colocated(cfg, rollout_gpus, timeout_s)
+    if cfg.placement.mode != "disaggregated":
+        raise ValueError(f"placement.mode: unknown {cfg.placement.mode!r}; colocated or disaggregated")
+    groups, options = [], {}
+    for name, count, gpus, cpus in (
+        ("rollout", ro.engines, rollout_gpus, ro.cpus_per_engine),
+        ("learner", le.workers, le.gpus_per_worker, le.cpus_per_worker),
+        ("reward", re.actors, re.gpus_per_actor, re.cpus_per_actor),
+    ):
+        group = _ready(placement_group([_bundle(gpus, cpus)] * count, strategy="PACK"), name, timeout_s)
+        groups.append(group)
+        options[name] = [_in(group, i) for i in range(count)]
+    return Placement(
+        groups=groups,
+        description=(
+            f"disaggregated: rollout {ro.engines} x {rollout_gpus:g} GPU, learner {le.workers} x "
+            f"{le.gpus_per_worker:g} GPU, reward {re.actors} x {re.gpus_per_actor:g} GPU"
+        ),
+        **options,
+    )
+
+
+def _colocated(cfg: VeasonConfig, rollout_gpus: float, timeout_s: float) -> Placement:
+    ro, le, re = cfg.rollout, cfg.learner, cfg.reward
+    count = max(ro.engines, le.workers, re.actors)
+    members = [([], [], []) for _ in range(count)]  # per bundle: rollout, learner, reward actor indices
+    for pool, total in enumerate((ro.engines, le.workers, re.actors)):
+        for i in range(total):
+            members[i % count][pool].append(i)
+    bundles = []
+    for index, (engines, ranks, rewards) in enumerate(members):
+        gpus = (
+            len(engines) * rollout_gpus + len(ranks) * le.gpus_per_worker + len(rewards) * re.gpus_per_actor
+        )
+        if gpus > 1 + 1e-9:
+            raise ValueError(
+                f"placement.mode=colocated: GPU {index} would hold {gpus:g} GPUs of actors (rollout "
+                f"{len(engines)} x {rollout_gpus:g}, learner {len(ranks)} x {le.gpus_per_worker:g}, reward "
+                f"{len(rewards)} x {re.gpus_per_actor:g}); lower the shares so each GPU adds up to <= 1"
+            )
+        cpus = (
+            len(engines) * ro.cpus_per_engine
+            + len(ranks) * le.cpus_per_worker
+            + len(rewards) * re.cpus_per_actor
+        )
+        # A bundle that holds any GPU share reserves the whole GPU: nothing else may land on it.
+        bundles.append(_bundle(math.ceil(gpus) if gpus > 0 else 0, cpus))
+    group = _ready(placement_group(bundles, strategy="PACK"), "the colocated GPUs", timeout_s)
+    return Placement(
+        rollout=[_in(group, i % count) for i in range(ro.engines)],
+        learner=[_in(group, i % count) for i in range(le.workers)],
+        reward=[_in(group, i % count) for i in range(re.actors)],
+        groups=[group],
+        description=(
+            f"colocated on {count} bundle(s): rollout {rollout_gpus:g} + learner {le.gpus_per_worker:g} + "
+            f"reward {re.gpus_per_actor:g} GPU each"
+        ),
+    )
