@@ -25,39 +25,18 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402
+from prompt_groups import make_group  # noqa: E402
 
 from actors.learner import LearnerGroup  # noqa: E402
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from veason_ray.config import RolloutConfig, SamplingConfig, VeasonConfig  # noqa: E402
 from veason_ray.grpo import grpo_policy_loss  # noqa: E402
-from veason_ray.records import PromptGroup, Sample, TrainItem  # noqa: E402
+from veason_ray.records import TrainItem  # noqa: E402
 from veason_ray.training.policy_forward import response_logprobs  # noqa: E402
 from veason_ray.training.sequences import PolicySequence, collate, encode_prompt  # noqa: E402
 from veason_ray.weight_transport import checksum_weights  # noqa: E402
 
 LR = 1e-3  # large enough that one AdamW step moves every trained weight visibly
-
-
-def make_group(group_id: int, num_frames: int = 2) -> PromptGroup:
-    rng = np.random.default_rng(group_id)
-    frames = rng.integers(0, 256, (num_frames, 112, 112, 3), dtype=np.uint8)
-    sample = Sample(
-        dataset="synthetic",
-        split="train",
-        video=f"video{group_id}",
-        exp_id="0",
-        expression="the red square moving left",
-        type_id=0,
-        obj_ids=(1,),
-        frame_indices=tuple(range(0, 3 * num_frames, 3)),
-        keyframe=0,
-        frames=frames,
-        gt_masks_560=np.zeros((num_frames, 8, 8), dtype=bool),
-        gt_boxes_560=[np.zeros((1, 4)) for _ in range(num_frames)],
-        original_size=(112, 112),
-        num_video_frames=3 * num_frames,
-    )
-    return PromptGroup(group_id=group_id, sample=sample)
 
 
 def fixed_items(groups: int = 2, per_group: int = 3, seed: int = 0) -> list[TrainItem]:

@@ -39,9 +39,14 @@ def _prompt(processor, frames: int, seed: int):
 def _full_forward_logprobs(model, seq: PolicySequence) -> torch.Tensor:
     """The reference: the whole model on one unpadded sequence, log-softmax of every position."""
     ids = torch.cat([seq.prompt.input_ids, seq.response_ids])[None]
-    extra = {k: torch.cat([v, torch.zeros_like(seq.response_ids)])[None] for k, v in seq.prompt.token_inputs.items()}
+    extra = {
+        k: torch.cat([v, torch.zeros_like(seq.response_ids)])[None]
+        for k, v in seq.prompt.token_inputs.items()
+    }
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra, **seq.prompt.vision_inputs).logits
+        logits = model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **extra, **seq.prompt.vision_inputs
+        ).logits
     p = len(seq.prompt)
     logp = torch.log_softmax(logits[0, p - 1 : -1].float(), -1)
     return logp.gather(-1, seq.response_ids[:, None]).squeeze(-1)
@@ -62,7 +67,10 @@ def test_padded_batch_logprobs_equal_each_sequence_alone(tiny):
     for row, seq in enumerate(sequences):
         n = int(seq.response_ids.numel())
         want = _full_forward_logprobs(model, seq)
-        assert torch.allclose(logprobs[row, :n], want, atol=1e-5), (row, (logprobs[row, :n] - want).abs().max())
+        assert torch.allclose(logprobs[row, :n], want, atol=1e-5), (
+            row,
+            (logprobs[row, :n] - want).abs().max(),
+        )
         assert batch.response_mask[row, :n].all() and not batch.response_mask[row, n:].any()
     assert (entropy[batch.response_mask.bool()] > 0).all()
     vocab = model.config.text_config.vocab_size

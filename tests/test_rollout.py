@@ -27,37 +27,14 @@ for _key, _value in {
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from prompt_groups import make_group  # noqa: E402
 
 from actors.rollout import VISION_TOKENS, RolloutEngineError  # noqa: E402
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from actors.weight_sync import ReloadTransport  # noqa: E402
 from veason_ray.config import RolloutConfig, SamplingConfig  # noqa: E402
-from veason_ray.records import PromptGroup, Sample  # noqa: E402
+from veason_ray.records import PromptGroup  # noqa: E402
 from veason_ray.weight_transport import checksum_weights  # noqa: E402
-
-FRAME = 112
-
-
-def make_group(group_id: int, num_frames: int, seed: int, size: int = FRAME) -> PromptGroup:
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
-    sample = Sample(
-        dataset="synthetic",
-        split="train",
-        video=f"video{group_id}",
-        exp_id="0",
-        expression="the red square moving left",
-        type_id=0,
-        obj_ids=(1,),
-        frame_indices=tuple(range(0, 3 * num_frames, 3)),
-        keyframe=0,
-        frames=frames,
-        gt_masks_560=np.zeros((num_frames, 8, 8), dtype=bool),
-        gt_boxes_560=[np.zeros((1, 4)) for _ in range(num_frames)],
-        original_size=(size, size),
-        num_video_frames=3 * num_frames,
-    )
-    return PromptGroup(group_id=group_id, sample=sample)
 
 
 @pytest.fixture(scope="module")
