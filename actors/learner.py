@@ -117,7 +117,10 @@ class LearnerWorker:
         self.updater = GRPOUpdater(self.engine, reference, learner, pad_id, forbidden, self.world_size)
         # Every rank knows the transport's kind; only rank 0 sends.
         self.transport = make_transport(
-            self.cfg.rollout.weight_transport, int(self.cfg.rollout.weight_bucket_mb * 2**20)
+            self.cfg.rollout.weight_transport,
+            int(self.cfg.rollout.weight_bucket_mb * 2**20),
+            ranks_per_engine=self.cfg.rollout.tensor_parallel_size,
+            colocated=self.cfg.placement.mode == "colocated",
         )
         trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
         return {"rank": self.rank, "seconds": time.perf_counter() - start, "trainable_params": trainable}

@@ -276,11 +276,13 @@ TRANSPORTS: dict[str, type[WeightTransport]] = {
 }
 
 
-def make_transport(kind: str, bucket_bytes: int, ranks_per_engine: int = 1) -> WeightTransport:
-    """The transport named by `rollout.weight_transport` ("auto": IPC where the learner has CUDA, else reload;
-    NCCL is chosen explicitly for disaggregated placement)."""
+def make_transport(
+    kind: str, bucket_bytes: int, ranks_per_engine: int = 1, colocated: bool = True
+) -> WeightTransport:
+    """The transport named by `rollout.weight_transport`. "auto": where the learner has CUDA, IPC when it
+    shares the engines' GPUs (colocated) and NCCL when they have their own (disaggregated); reload on CPU."""
     if kind == "auto":
-        kind = "ipc" if torch.cuda.is_available() else "reload"
+        kind = ("ipc" if colocated else "nccl") if torch.cuda.is_available() else "reload"
     if kind not in TRANSPORTS:
         raise ValueError(f"rollout.weight_transport: unknown {kind!r}; one of auto, {', '.join(TRANSPORTS)}")
     if kind == "nccl":

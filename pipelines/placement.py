@@ -1,9 +1,9 @@
 """Where the three pools run: Ray placement groups built from `placement.mode` and each pool's GPU share.
 
-    colocated       one placement group of G bundles, one per GPU ({"GPU": 1, "CPU": c}); rollout engine i,
-                    learner rank i and reward actor i go to bundle i mod G with their fractional GPU demands,
-                    so they share the GPU through sleep/wake (rollout) and fractions. The shares of one bundle
-                    must add up to at most 1 GPU.
+    colocated       one placement group of G = max(engines, learner ranks) bundles, one per GPU ({"GPU": 1,
+                    "CPU": c}); rollout engine i, learner rank i and reward actor i go to bundle i mod G with
+                    their fractional GPU demands, so they share the GPU through sleep/wake (rollout) and
+                    fractions. The shares of one bundle must add up to at most 1 GPU.
     disaggregated   one placement group per pool: the rollout engines' bundles, the learner ranks' bundles and
                     the reward actors' (fractional) bundles are reserved apart, so rollout and learner never
                     share a GPU; weights travel over NCCL (`rollout.weight_transport=nccl`) on GPUs.
@@ -98,7 +98,8 @@ def build_placement(cfg: VeasonConfig, timeout_s: float = 120.0) -> Placement:
 
 def _colocated(cfg: VeasonConfig, rollout_gpus: float, timeout_s: float) -> Placement:
     ro, le, re = cfg.rollout, cfg.learner, cfg.reward
-    count = max(ro.engines, le.workers, re.actors)
+    # One bundle per GPU that hosts an engine or a learner rank; reward actors spread over those bundles.
+    count = max(ro.engines, le.workers, 1)
     members = [([], [], []) for _ in range(count)]  # per bundle: rollout, learner, reward actor indices
     for pool, total in enumerate((ro.engines, le.workers, re.actors)):
         for i in range(total):

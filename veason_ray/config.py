@@ -137,7 +137,8 @@ class RolloutConfig:
     weight_bucket_mb: int = 1024
     request_timeout_s: float = 600.0
     # vLLM rollout pool (actors/rollout.py, actors/weight_sync.py)
-    weight_transport: Literal["auto", "ipc", "nccl", "reload"] = "auto"  # auto: ipc with CUDA, else reload
+    # auto: with CUDA, ipc when colocated and nccl when disaggregated; reload on CPU
+    weight_transport: Literal["auto", "ipc", "nccl", "reload"] = "auto"
     wake_order: list[str] = field(
         default_factory=lambda: ["weights", "kv_cache"]
     )  # weights synced in between
