@@ -41,9 +41,6 @@ from veason_ray.training.checkpoint import (
 from veason_ray.training.grpo_update import combine_metrics, loss_normalizer, micro_batch_count
 from veason_ray.weight_transport import WeightChecksum
 
-# Tokens only the processor may place in a prompt (see veason_ray/training/sequences.py on responses).
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -76,6 +73,7 @@ class LearnerWorker:
             load_trainable_policy,
         )
         from veason_ray.training.grpo_update import GRPOUpdater
+        from veason_ray.training.sequences import vision_token_ids
 
         start = time.perf_counter()
         self.on_gpu = torch.cuda.is_available()
@@ -111,8 +109,7 @@ class LearnerWorker:
                 else load_frozen_policy(reference_dir, learner.bf16, device, attn)
             )
         tokenizer = self.processor.tokenizer
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        forbidden = sorted({i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id})
+        forbidden = vision_token_ids(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.updater = GRPOUpdater(self.engine, reference, learner, pad_id, forbidden, self.world_size)
         # Every rank knows the transport's kind; only rank 0 sends.

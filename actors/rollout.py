@@ -36,13 +36,11 @@ import ray
 
 from veason_ray.config import RolloutConfig, SamplingConfig
 from veason_ray.records import PromptGroup, Rollout
+from veason_ray.training.sequences import vision_token_ids
 from veason_ray.weight_transport import WeightBucket, WeightChecksum, unpack_bucket
 
 log = logging.getLogger(__name__)
 
-# Tokens that only the processor may place in a prompt; a response containing them breaks the learner's
-# image-token count check when it is fed back, so sampling never picks them.
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 _BANNED_LOGIT = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) is zero probability in practice
 
 # vLLM on CPU (measured on 2-core machines; ../shared/reference/environment.md).
@@ -176,8 +174,7 @@ class RolloutEngine:
         self.start_seconds = time.perf_counter() - start
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        self.vision_token_ids = sorted({i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id})
+        self.vision_token_ids = vision_token_ids(tokenizer)
 
     # ---- health ----
 

@@ -99,6 +99,7 @@ class GRPODriver:
         self.startup_seconds = time.perf_counter() - start
         self.gpus = sum(b.get("GPU", 0) for g in self.placement.groups for b in g.bundle_specs)
         self.state = DriverState()
+        self.saved_step = 0  # the step of the latest complete checkpoint (0: none, the starting policy)
         self.stats = StreamStats(progress_every_s=cfg.data.progress_every_s)
         self.resumed_from = self._resume()
 
@@ -111,6 +112,7 @@ class GRPODriver:
         step = self.learner.load(latest)
         raw = store_for(latest, self.cfg.storage).read_bytes(join_uri(latest, DRIVER_STATE))
         self.state = DriverState(**json.loads(raw))
+        self.saved_step = step
         if self.state.step != step:
             raise RuntimeError(
                 f"{latest}: learner state is at step {step}, driver state at {self.state.step}"
@@ -121,7 +123,9 @@ class GRPODriver:
 
     def save(self) -> str:
         state = json.dumps(asdict(self.state)).encode()
-        return self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
+        uri = self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
+        self.saved_step = self.state.step
+        return uri
 
     # ---- data ----
 
@@ -215,7 +219,7 @@ class GRPODriver:
         finally:
             bar.close()
             batches.close()  # stop Ray Data's stream now, not at interpreter exit after Ray is gone
-        checkpoint = self.save() if self.state.step and self.state.step != self._saved_step() else None
+        checkpoint = self.save() if self.state.step != self.saved_step else None
         policy = self.learner.export(join_uri(cfg.run.output_dir, "policy_hf"))
         curves = run_log.finish()
         return {
@@ -225,10 +229,6 @@ class GRPODriver:
             "curves": curves,
             "last": last,
         }
-
-    def _saved_step(self) -> int:
-        latest = self.learner.latest_checkpoint(self.checkpoints)
-        return int(latest.rstrip("/").rsplit("_", 1)[-1]) if latest else -1
 
     def shutdown(self) -> None:
         self.reward.shutdown()

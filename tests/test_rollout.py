@@ -29,11 +29,12 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from prompt_groups import make_group  # noqa: E402
 
-from actors.rollout import VISION_TOKENS, RolloutEngineError  # noqa: E402
+from actors.rollout import RolloutEngineError  # noqa: E402
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from actors.weight_sync import ReloadTransport  # noqa: E402
 from veason_ray.config import RolloutConfig, SamplingConfig  # noqa: E402
 from veason_ray.records import PromptGroup  # noqa: E402
+from veason_ray.training.sequences import VISION_TOKENS  # noqa: E402
 from veason_ray.weight_transport import checksum_weights  # noqa: E402
 
 

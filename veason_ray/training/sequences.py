@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+# Tokens only the processor may place in a prompt: the rollout engine never samples them (when asked to) and the
+# learner feeds any a response contains as pad (see the module docstring).
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
 # Processor outputs batched along the token axis (one value per prompt token); everything else the processor
 # returns (pixel_values, image_grid_thw) is concatenated over the batch's images.
 _NOT_PER_TOKEN = ("input_ids", "attention_mask")
@@ -35,6 +39,12 @@ class EncodedPrompt:
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
+
+
+def vision_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of VISION_TOKENS in `tokenizer` (those it knows)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return sorted({i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id})
 
 
 def encode_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> EncodedPrompt:
