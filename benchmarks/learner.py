@@ -7,7 +7,8 @@ after a small untimed one (`--warmup-sequences`; it pays the one-off costs: Deep
 allocator warm-up):
     full   all 3.75 B parameters, ZeRO-2, optimizer states offloaded to CPU (DeepSpeedCPUAdam)
     lora   LoRA rank 64 on the language model's linear layers, reference = the policy with adapters off
-Prints seconds per update, tokens/s ((prompt + response) tokens / update seconds), response tokens/s and the
+Prints seconds per update (and of it, the reference model's forward passes and the optimizer step; the rest is
+the policy's forward and backward), tokens/s ((prompt + response) tokens / update seconds), response tokens/s and the
 peak GPU memory of the rank.
 
     python benchmarks/learner.py                  # GPU, 3B shapes
@@ -49,6 +50,10 @@ def make_items(
     return items
 
 
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def learner_config(setting: str, tiny: bool, micro_batch_size: int) -> VeasonConfig:
     cfg = VeasonConfig()
     lc = cfg.learner
@@ -69,10 +74,15 @@ def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argp
     start = time.perf_counter()
     group = LearnerGroup(cfg, model_dir)
     setup = time.perf_counter() - start
+    progress(f"{setting}: learner group up in {setup:.0f} s")
     try:
         first = group.update(items[: args.warmup_sequences])  # one-off costs: CPU Adam build, allocator
+        progress(
+            f"{setting}: warm-up update of {first['sequences']:.0f} sequences {first['update_seconds']:.1f} s"
+        )
         group.device_memory()  # reset the peak: the full update is the measured one
         second = group.update(items)
+        progress(f"{setting}: update of {second['sequences']:.0f} sequences {second['update_seconds']:.1f} s")
         memory = group.device_memory()[0]
     finally:
         group.shutdown()
@@ -82,6 +92,8 @@ def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argp
         "first_s": first["update_seconds"],
         "warmup_sequences": first["sequences"],
         "update_s": second["update_seconds"],
+        "reference_s": second["reference_seconds"],
+        "optimizer_s": second["optimizer_seconds"],
         "tokens": second["tokens"],
         "response_tokens": second["response_tokens"],
         "tok_s": second["tokens_per_second"],
@@ -133,6 +145,8 @@ def main() -> None:
         "setup s",
         "1st update s",
         "update s",
+        "of it: reference s",
+        "optimizer step s",
         "tokens",
         "tok/s",
         "resp tok/s",
@@ -142,7 +156,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['setting']} | {r['trainable'] / 1e6:.1f} M | {r['setup_s']:.0f} | {r['first_s']:.1f} | "
-            f"{r['update_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f}"
+            f"{r['update_s']:.1f} | {r['reference_s']:.1f} | {r['optimizer_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f}"
         )
     ray.shutdown()
 

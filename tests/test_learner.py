@@ -147,9 +147,13 @@ def test_zero2_and_zero3_take_the_same_step_as_plain_torch(zero_groups, model_di
     assert set(got[2]) == set(got[3]) == set(want)
     moved = sum(not torch.equal(got[2][k], start[k]) for k in got[2])
     assert moved > 0.9 * len(got[2])  # the step really moved (almost) every tensor
-    worst = {stage: max((got[stage][k] - want[k]).abs().max().item() for k in got[stage]) for stage in (2, 3)}
-    print(f"max |weight - torch reference| after one step: ZeRO-2 {worst[2]:.2e}, ZeRO-3 {worst[3]:.2e}")
-    assert worst[2] < 1e-5 and worst[3] < 1e-5
+    diffs = {stage: {k: (got[stage][k] - want[k]).abs().max().item() for k in got[stage]} for stage in (2, 3)}
+    worst = {stage: max(d.items(), key=lambda kv: kv[1]) for stage, d in diffs.items()}
+    print(f"max |weight - torch reference| after one step: ZeRO-2 {worst[2]}, ZeRO-3 {worst[3]}")
+    # AdamW's first step moves each weight by ~lr * g / |g|: a gradient near Adam's eps turns fp32 summation-order
+    # noise (micro-batches over 2 ranks vs one batch) into a visible share of a step. 3% of a step (3e-5 at lr
+    # 1e-3) still fails by ~70x on a gradient-accumulation bug (which moves weights by 2 lr).
+    assert worst[2][1] < 3 * LR / 100 and worst[3][1] < 3 * LR / 100
 
 
 def engine_config(n: int, max_new_tokens: int, **rollout) -> RolloutConfig:

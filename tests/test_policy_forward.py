@@ -123,3 +123,77 @@ def test_named_weights_are_the_checkpoint_names_and_merge_lora(tiny):
     layer = lora.get_base_model().get_submodule(name.removesuffix(".weight"))
     want = layer.base_layer.weight + layer.get_delta_weight("default")
     assert torch.allclose(merged[name], want)
+
+
+def test_rows_sharing_a_prompt_encode_its_images_once(tiny):
+    """A GRPO group's responses share one prompt: the vision tower runs once per distinct prompt in a
+    micro-batch, and log-probs and gradients equal those of each sequence alone."""
+    model, processor = tiny
+    gen = torch.Generator().manual_seed(3)
+    shared, other = _prompt(processor, 2, 5), _prompt(processor, 3, 6)
+    sequences = [
+        PolicySequence(shared, torch.randint(100, 300, (6,), generator=gen)),
+        PolicySequence(other, torch.randint(100, 300, (4,), generator=gen)),
+        PolicySequence(shared, torch.randint(100, 300, (9,), generator=gen)),
+    ]
+    batch = collate(sequences, pad_id=0)
+    assert batch.prompt_of_row == [0, 1, 0] and batch.images_per_prompt == [2, 3]
+    calls = []
+    handle = model.model.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        logprobs, _ = response_logprobs(model, batch)
+    finally:
+        handle.remove()
+    patches = [int(p.vision_inputs["pixel_values"].shape[0]) for p in (shared, other)]
+    assert calls == [sum(patches)]  # one vision pass over the two distinct prompts' images
+    for row, seq in enumerate(sequences):
+        n = int(seq.response_ids.numel())
+        assert torch.allclose(logprobs[row, :n], _full_forward_logprobs(model, seq), atol=1e-5)
+
+    def vision_grad(chunks):
+        model.zero_grad()
+        for chunk in chunks:
+            lp, _ = response_logprobs(model, collate(chunk, pad_id=0))
+            lp.sum().backward()
+        grad = model.model.visual.blocks[0].attn.qkv.weight.grad.clone()
+        model.zero_grad()
+        return grad
+
+    together = vision_grad([sequences])
+    alone = vision_grad([[s] for s in sequences])
+    assert torch.allclose(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_vision_windows_equal_the_per_window_loop(tiny):
+    """Frames whose windows differ in size (168x112: windows of 64 and 32 patches) and a full-attention layer:
+    the batched attention gives the loop's outputs and gradients."""
+    import copy
+
+    from veason_ray.models.vision_window_attention import batch_vision_windows, segment_attention
+
+    model, processor = tiny
+    batched = copy.deepcopy(model)
+    assert batch_vision_windows(batched) == len(batched.model.visual.blocks)
+    rng = np.random.default_rng(0)
+    images = list(rng.integers(0, 256, (2, 112, 168, 3), dtype=np.uint8))
+    prompt = encode_prompt(processor, build_messages([0, 2], "the red square", images))
+    pixels, grid = prompt.vision_inputs["pixel_values"], prompt.vision_inputs["image_grid_thw"]
+    outputs = []
+    for m in (model, batched):
+        m.zero_grad()
+        features = torch.cat(m.model.get_image_features(pixels, grid).pooler_output)
+        (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+        outputs.append((features.detach(), m.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
+        m.zero_grad()
+    (want, want_grad), (got, got_grad) = outputs
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert torch.allclose(got_grad, want_grad, atol=1e-5, rtol=1e-4)
+
+    q, k, v = torch.randn(3, 10, 2, 4).unbind(0)
+    cu = torch.tensor([0, 3, 5, 8, 10])  # uneven segments in a packed sequence
+    out = segment_attention(q, k, v, cu, 0.5)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        ref = torch.softmax((q[a:b].transpose(0, 1) @ k[a:b].permute(1, 2, 0)) * 0.5, -1) @ v[a:b].transpose(
+            0, 1
+        )
+        assert torch.allclose(out[a:b], ref.transpose(0, 1), atol=1e-6)

@@ -129,6 +129,8 @@ def load_policy(
     processor's pixel limits (None keeps the checkpoint's)."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+    from veason_ray.models.vision_window_attention import batch_vision_windows
+
     model_dir = resolve_model_dir(spec, storage, cache_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -148,6 +150,7 @@ def load_policy(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attn_implementation, device_map=str(device)
     )
+    batch_vision_windows(model)
     return model.eval(), processor
 
 

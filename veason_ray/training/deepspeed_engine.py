@@ -3,7 +3,8 @@
 - Model: Qwen2.5-VL loaded in bf16 (or fp32 with `learner.bf16=false`), optionally with the vision tower
   frozen (`freeze_vision`: the ViT and its patch merger) and LoRA adapters on the language model's linear
   layers only (`lora.*`; the vision tower's MLP shares layer names, so the targets are matched under
-  `language_model`). Gradient checkpointing (non-reentrant) when asked.
+  `language_model`). Gradient checkpointing (non-reentrant) when asked. The vision tower's windows are batched
+  (`veason_ray/models/vision_window_attention.py`) unless flash attention is configured.
 - Optimizer: AdamW with the paper's defaults. Where DeepSpeed's own optimizers would be JIT-compiled for no
   gain it gets a torch AdamW: on CPU always (no compiler round-trip in CI), on GPU without offload (fused
   torch AdamW); with optimizer offload on GPU it gets DeepSpeedCPUAdam, whose vectorised CPU step is several
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from veason_ray.config import LearnerConfig
+from veason_ray.models.vision_window_attention import batch_vision_windows
 
 
 def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def load_trainable_policy(model_dir: str, cfg: LearnerConfig, attn_implementatio
         attn_implementation=attn_implementation,
     )
     model.config.use_cache = False
+    batch_vision_windows(model)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -101,6 +104,7 @@ def load_frozen_policy(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn_implementation
     )
     model.requires_grad_(False)
+    batch_vision_windows(model)
     return model.to(device).eval()
 
 

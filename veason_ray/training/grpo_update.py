@@ -88,6 +88,11 @@ class GRPOUpdater:
         self.world_size = world_size
         self.device = next(engine.module.parameters()).device
 
+    def _synchronize(self) -> None:
+        """Waits for queued GPU work, so that stage timings measure work, not kernel launches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _batch(self, sequences: Sequence[PolicySequence]) -> MicroBatch:
         return collate(sequences, self.pad_id, self.forbidden_ids).to(self.device)
 
@@ -132,13 +137,17 @@ class GRPOUpdater:
             sequences=float(len(sequences)),
             ratio_min=float("inf"),
             ratio_max=0.0,
+            reference_seconds=0.0,
         )
         chunks = _padded_micro_batches(sequences, cfg.micro_batch_size, count)
         for index, chunk in enumerate(chunks):
             # Gradients accumulate until the last micro-batch; there they are reduced and the step taken.
             self.engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
             batch = self._batch(chunk)
+            started = time.perf_counter()
             ref = self._reference_logprobs(batch) if use_kl else None
+            self._synchronize()
+            sums["reference_seconds"] += time.perf_counter() - started
             logprobs, entropy = response_logprobs(self.engine, batch, with_entropy=cfg.loss.entropy_coef > 0)
             engine_logprobs = batch.old_logprobs
             old = (
@@ -164,7 +173,11 @@ class GRPOUpdater:
                 sums["ratio_max"] = max(sums["ratio_max"], metrics["ratio_max"])
             sums["loss_tokens"] += tokens
             sums["tokens"] += batch.tokens if tokens else 0.0
+        self._synchronize()
+        started = time.perf_counter()
         self.engine.step()
+        self._synchronize()
+        sums["optimizer_seconds"] = time.perf_counter() - started
         grad_norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         sums["lr"] = float(self.engine.get_lr()[0])
@@ -182,6 +195,9 @@ def combine_metrics(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
     if engine_tokens:  # mean |learner - engine| log-prob of the sampled tokens (numerics of the two stacks)
         out["logprob_diff_engine"] = sum(m["logprob_diff_engine"] for m in per_rank) / engine_tokens
     seconds = max(m["seconds"] for m in per_rank)
+    stages = {  # the slowest rank's; the rest of update_seconds is the policy's forward and backward
+        key: max(m.get(key, 0.0) for m in per_rank) for key in ("reference_seconds", "optimizer_seconds")
+    }
     tokens = sum(m["tokens"] for m in per_rank)
     out.update(
         ratio_min=min(m["ratio_min"] for m in per_rank),
@@ -189,6 +205,7 @@ def combine_metrics(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
         grad_norm=per_rank[0]["grad_norm"],
         lr=per_rank[0]["lr"],
         update_seconds=seconds,
+        **stages,
         tokens=tokens,
         response_tokens=loss_tokens,
         sequences=sum(m["sequences"] for m in per_rank),

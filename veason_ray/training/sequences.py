@@ -100,14 +100,18 @@ class MicroBatch:
     """Right-padded tensors of B sequences.
 
     input_ids, attention_mask: (B, L); token_inputs: per-token extra inputs (B, L); vision_inputs: concatenated
-    over the batch's images. response_positions (B, R): for response token j of row b, the position whose
-    logits predict it (prompt length + j - 1); response_ids (B, R); response_mask (B, R) float, 1 on tokens
-    that enter the loss; advantages (B,); old_logprobs / ref_logprobs (B, R) or None."""
+    over the images of the batch's distinct prompts (a GRPO group's responses share one prompt, whose images
+    the vision tower then encodes once); prompt_of_row (B,): each row's index among those prompts;
+    images_per_prompt: their image counts. response_positions (B, R): for response token j of row b, the
+    position whose logits predict it (prompt length + j - 1); response_ids (B, R); response_mask (B, R)
+    float, 1 on tokens that enter the loss; advantages (B,); old_logprobs / ref_logprobs (B, R) or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     token_inputs: dict[str, torch.Tensor]
     vision_inputs: dict[str, torch.Tensor]
+    prompt_of_row: list[int]
+    images_per_prompt: list[int]
     response_positions: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
@@ -171,13 +175,19 @@ def collate(
             old[row, :r] = seq.old_logprobs
         if ref is not None:
             ref[row, :r] = seq.ref_logprobs
+    distinct: dict[int, int] = {}  # id(prompt) -> index among the distinct prompts
+    prompt_of_row = [distinct.setdefault(id(s.prompt), len(distinct)) for s in sequences]
+    prompts = list({id(s.prompt): s.prompt for s in sequences}.values())
     vision_keys = sorted(sequences[0].prompt.vision_inputs)
-    vision = {k: torch.cat([s.prompt.vision_inputs[k] for s in sequences]) for k in vision_keys}
+    vision = {k: torch.cat([p.vision_inputs[k] for p in prompts]) for k in vision_keys}
+    grids = [p.vision_inputs.get("image_grid_thw") for p in prompts]
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attention,
         token_inputs=token_inputs,
         vision_inputs=vision,
+        prompt_of_row=prompt_of_row,
+        images_per_prompt=[0 if g is None else int(g.shape[0]) for g in grids],
         response_positions=positions,
         response_ids=targets,
         response_mask=mask,
