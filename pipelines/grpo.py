@@ -14,8 +14,17 @@ A run finds the latest complete checkpoint under `<run.output_dir>/checkpoints` 
 (`trainer.resume`), the expressions it already trained on this epoch left out. At the end: reward curves as
 PNG and the policy as a Hugging Face folder in `<run.output_dir>/policy_hf`.
 
-Generation of step k+1 during the update of step k (`trainer.max_staleness` > 0) is not implemented: the
-config is refused with that message rather than silently run on-policy.
+One step off-policy (`trainer.max_staleness=1`, disaggregated placement, `learner.old_logprobs=engine`): the
+rollouts of step k+1 are generated and scored, on a background thread, while the learner trains on step k.
+The weight push after step k waits for that generation to finish (an engine never changes weights in the
+middle of a batch), so step k+1 trains on rollouts exactly one version old (`weights/staleness_max`, checked
+against the bound every step), and the generation of step k+2 starts right after the push. A batch counts as
+consumed once trained on, so a checkpoint taken while the next batch is generated does not hold that batch:
+a resumed run draws it again (and its first step is on-policy). An engine restarted during the overlap is
+re-synced after the learner's running update (its ranks serve one call at a time); over NCCL it then holds
+the new weights under the old version number, so its rollouts are less stale than recorded, never more.
+Deeper pipelines are refused: the learner needs the batch in flight next, so a second one would add
+staleness without adding overlap.
 """
 
 from __future__ import annotations
@@ -25,14 +34,15 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from pipelines.config_command import add_config_arguments, config_from_args
-from pipelines.frame_stream import StreamStats, iter_prompt_groups
 from pipelines.placement import build_placement
 from pipelines.ray_runtime import init_ray
 from pipelines.run_log import RunLog, save_samples, summary_line
@@ -41,6 +51,9 @@ from veason_ray.config_loading import ConfigError, save_config
 from veason_ray.object_store import is_s3_uri, join_uri, store_for
 from veason_ray.records import PromptGroup, Scored
 from veason_ray.training.rollout_batch import train_items
+
+if TYPE_CHECKING:
+    from actors.weight_sync import SyncReport
 
 log = logging.getLogger(__name__)
 DRIVER_STATE = "driver_state.json"
@@ -55,6 +68,53 @@ class DriverState:
     epoch: int = 0
     consumed: list[str] = field(default_factory=list)
     next_group_id: int = 0
+
+
+@dataclass
+class Batch:
+    """One step's prompt groups and the epoch of the data stream they came from."""
+
+    epoch: int
+    groups: list[PromptGroup]
+
+
+@dataclass
+class ScoredBatch:
+    """A batch's rollouts scored by the reward pool (group id -> its scored responses), when their generation
+    started (time.perf_counter), how long generation and the reward wait after it took, and whether it ran
+    ahead, during the previous step's update."""
+
+    batch: Batch
+    scored: dict[int, list[Scored]]
+    started: float
+    generate_s: float
+    reward_wait_s: float
+    ahead: bool = False
+
+
+def check_trainer_config(cfg: VeasonConfig) -> None:
+    """Refuse settings the driver cannot run as asked, naming the fields and the fix (before any actor starts)."""
+    staleness = cfg.trainer.max_staleness
+    if staleness not in (0, 1):
+        raise ConfigError(
+            f"trainer.max_staleness={staleness}: use 0 (on-policy) or 1 (generate step k+1 while step k trains); "
+            "the weight push waits for the batch in flight and the learner needs that batch next, so a deeper "
+            "pipeline would only add staleness"
+        )
+    if staleness == 0:
+        return
+    if cfg.placement.mode != "disaggregated":
+        raise ConfigError(
+            f"trainer.max_staleness=1 needs placement.mode=disaggregated (got {cfg.placement.mode!r}): colocated "
+            "engines sleep while the learner trains on their GPUs, so nothing can generate during the update; "
+            "set placement.mode=disaggregated or trainer.max_staleness=0"
+        )
+    if cfg.learner.old_logprobs != "engine":
+        raise ConfigError(
+            f"trainer.max_staleness=1 needs learner.old_logprobs=engine (got {cfg.learner.old_logprobs!r}): "
+            "rollouts one version old must be weighed against the policy that sampled them, not recomputed "
+            "with the learner's newer weights; set learner.old_logprobs=engine or trainer.max_staleness=0"
+        )
 
 
 def local_run_dir(cfg: VeasonConfig) -> Path:
@@ -73,10 +133,7 @@ class GRPODriver:
         from actors.rollout_pool import RolloutPool
         from veason_ray.models.loading import resolve_model_dir
 
-        if cfg.trainer.max_staleness > 0:
-            raise ConfigError(
-                "trainer.max_staleness: generation ahead of the update is not implemented yet; set it to 0"
-            )
+        check_trainer_config(cfg)
         self.cfg = cfg
         self.out = local_run_dir(cfg)
         self.checkpoints = join_uri(cfg.run.output_dir, "checkpoints")
@@ -98,9 +155,16 @@ class GRPODriver:
         )
         self.startup_seconds = time.perf_counter() - start
         self.gpus = sum(b.get("GPU", 0) for g in self.placement.groups for b in g.bundle_specs)
+        # One thread generates the next batch while the learner trains; it alone uses the rollout and reward
+        # pools until the step waits for it (neither pool is thread-safe).
+        self.background = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+            if cfg.trainer.max_staleness > 0
+            else None
+        )
         self.state = DriverState()
         self.saved_step = 0  # the step of the latest complete checkpoint (0: none, the starting policy)
-        self.stats = StreamStats(progress_every_s=cfg.data.progress_every_s)
+        self.stats: Any = None  # the frame stream's StreamStats, once `batches` runs
         self.resumed_from = self._resume()
 
     # ---- checkpoints ----
@@ -129,68 +193,138 @@ class GRPODriver:
 
     # ---- data ----
 
-    def batches(self):
-        """PromptGroup lists of this epoch (minus what a resumed run consumed), then of the next epochs."""
+    def batches(self) -> Iterator[Batch]:
+        """Batches of this epoch (minus what a resumed run consumed), then of the next epochs. The driver's
+        state moves only when a batch is trained on (`_consume`), so a batch drawn ahead is not yet consumed.
+        The frame stream (and its dataset readers) is imported here: `step` runs on batches from anywhere."""
+        from pipelines.frame_stream import StreamStats, iter_prompt_groups
+
         cfg = self.cfg
+        self.stats = self.stats or StreamStats(progress_every_s=cfg.data.progress_every_s)
+        epoch, exclude, next_id = self.state.epoch, frozenset(self.state.consumed), self.state.next_group_id
         while True:
             produced = False
             for groups in iter_prompt_groups(
-                cfg,
-                epoch=self.state.epoch,
-                first_group_id=self.state.next_group_id,
-                put_frames=True,
-                stats=self.stats,
-                exclude=frozenset(self.state.consumed),
+                cfg, epoch=epoch, first_group_id=next_id, put_frames=True, stats=self.stats, exclude=exclude
             ):
                 produced = True
-                yield groups
-            if not produced and not self.state.consumed:
+                next_id = groups[-1].group_id + 1
+                yield Batch(epoch, groups)
+            if not produced and not exclude:
                 raise RuntimeError(
                     f"data: no usable training sample in {cfg.data.root} ({cfg.data.train_split})"
                 )
-            self.state.epoch += 1
-            self.state.consumed = []
+            epoch, exclude = epoch + 1, frozenset()
+
+    def _consume(self, batch: Batch) -> None:
+        """Record `batch` as trained on: the data position a checkpoint keeps."""
+        if batch.epoch != self.state.epoch:
+            self.state.epoch, self.state.consumed = batch.epoch, []
+        self.state.consumed += [g.sample.key for g in batch.groups]
+        self.state.next_group_id = max(g.group_id for g in batch.groups) + 1
 
     # ---- one step ----
 
-    def step(self, groups: list[PromptGroup]) -> tuple[dict[str, float], dict[int, list[Scored]]]:
-        colocated = self.cfg.placement.mode == "colocated"
+    def generate(self, batch: Batch, ahead: bool = False) -> ScoredBatch:
+        """n responses per group on the rollout pool on its current weights, each engine's chunk scored on the
+        reward pool as soon as it is generated."""
+        groups = batch.groups
         start = time.perf_counter()
         for first, chunk in self.rollout.generate_stream(groups):
             for offset, rollouts in enumerate(chunk):
                 self.reward.submit(groups[first + offset], rollouts)
         generated = time.perf_counter()
         scored = {rows[0].rollout.group_id: rows for rows in self.reward.results() if rows}
-        rewarded = time.perf_counter()
-        items, metrics = train_items(groups, scored)
-        if colocated:
+        return ScoredBatch(batch, scored, start, generated - start, time.perf_counter() - generated, ahead)
+
+    def generate_ahead(self, batch: Batch) -> Future:
+        """`generate(batch)` on the background thread (trainer.max_staleness > 0): a Future of its ScoredBatch."""
+        if self.background is None:
+            raise RuntimeError("generation ahead needs trainer.max_staleness > 0")
+        return self.background.submit(self.generate, batch, True)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One on-policy step on `batch`: generate and score, update, push; the step's metrics."""
+        metrics, _ = self.train(self.generate(batch))
+        return metrics
+
+    def train(
+        self, rollouts: ScoredBatch, ahead: Future | None = None
+    ) -> tuple[dict[str, float], ScoredBatch | None]:
+        """Advantages, the learner's update and the weight push for `rollouts`. `ahead` (a `generate_ahead`
+        Future) runs during the update; the push waits for it, so no engine changes weights mid-generation.
+        Returns the step's metrics and `ahead`'s ScoredBatch (None without `ahead`)."""
+        entered = time.perf_counter()
+        version = self.rollout.version  # the learner holds the weights of the latest push
+        items, metrics = train_items(rollouts.batch.groups, rollouts.scored)
+        staleness = [version - s.rollout.weight_version for rows in rollouts.scored.values() for s in rows]
+        if max(staleness) > self.cfg.trainer.max_staleness:
+            raise RuntimeError(
+                f"rollouts of weight version {version - max(staleness)} trained at version {version}: staleness "
+                f"{max(staleness)} exceeds trainer.max_staleness={self.cfg.trainer.max_staleness}"
+            )
+        marks = [time.perf_counter()]
+        if self.cfg.placement.mode == "colocated":
             self.rollout.sleep()
-        learned = self.learner.update(items)
-        updated = time.perf_counter()
+        marks.append(time.perf_counter())
+        try:
+            learned = self.learner.update(items)
+        except BaseException:
+            if ahead is not None:
+                wait([ahead])  # the pools are not shared with a running generation past this point
+            raise
+        marks.append(time.perf_counter())
+        following = ahead.result() if ahead is not None else None
+        marks.append(time.perf_counter())
         sync = self.rollout.sync_weights(self.learner)
-        done = time.perf_counter()
+        marks.append(time.perf_counter())
+        self._consume(rollouts.batch)
         self.state.step += 1
-        self.state.consumed += [g.sample.key for g in groups]
-        self.state.next_group_id = max(g.group_id for g in groups) + 1
-        tokens = metrics["response/prompt_tokens"] + metrics["response/tokens"]
         metrics.update({f"learner/{k}": v for k, v in learned.items()})
+        metrics.update(self._seconds(rollouts, entered if rollouts.ahead else rollouts.started, marks, sync))
         metrics.update(
             {
-                "time/step_s": done - start,
-                "time/generate_s": generated - start,
-                "time/reward_wait_s": rewarded - generated,
-                "time/update_s": updated - rewarded,
-                "time/sync_s": done - updated,
-                "throughput/tokens_per_s": tokens / (done - start),
-                "throughput/tokens_per_s_per_gpu": tokens / (done - start) / max(self.gpus, 1),
                 "weights/version": float(sync.version),
                 "weights/sync_bytes": float(sync.nbytes),
+                "weights/staleness_max": float(max(staleness)),
+                "weights/staleness_mean": sum(staleness) / len(staleness),
+                "rollout/generated_ahead": float(rollouts.ahead),
                 "data/epoch": float(self.state.epoch),
                 "rollout/restarts": float(self.rollout.restarts),
-                **self.stats.as_metrics(),
+                **(self.stats.as_metrics() if self.stats is not None else {}),
             }
         )
-        return metrics, scored
+        tokens = metrics["response/prompt_tokens"] + metrics["response/tokens"]
+        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
+        metrics["throughput/tokens_per_s_per_gpu"] = tokens / metrics["time/step_s"] / max(self.gpus, 1)
+        return metrics, following
+
+    @staticmethod
+    def _seconds(
+        rollouts: ScoredBatch, start: float, marks: list[float], sync: SyncReport
+    ) -> dict[str, float]:
+        """The step's seconds. It runs from `start` (its generation's start, or the `train` call when it was
+        generated ahead) to the end of the push (`marks`: before sleep, after sleep, after the update, after
+        the wait for the batch ahead, after the push). The parts on its critical path: generate and reward
+        wait (unless generated ahead), sleep, update, the wait for the batch ahead, push and wake (colocated:
+        `sync_weights` wakes around the push); `time/other_s` is the rest."""
+        before_sleep, slept, updated, waited, done = marks
+        critical = {
+            "time/sleep_s": slept - before_sleep,
+            "time/update_s": updated - slept,
+            "time/wait_ahead_s": waited - updated,
+            "time/sync_s": sync.seconds,
+            "time/wake_s": max(done - waited - sync.seconds, 0.0),
+        }
+        on_path = 0.0 if rollouts.ahead else rollouts.generate_s + rollouts.reward_wait_s
+        step_s = done - start
+        return {
+            "time/step_s": step_s,
+            "time/generate_s": rollouts.generate_s,
+            "time/reward_wait_s": rollouts.reward_wait_s,
+            **critical,
+            "time/other_s": max(step_s - on_path - sum(critical.values()), 0.0),
+        }
 
     # ---- the run ----
 
@@ -202,10 +336,17 @@ class GRPODriver:
         bar = tqdm(total=total, initial=self.state.step, desc="grpo", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         batches = self.batches()
+        ready: ScoredBatch | None = None  # the next step's rollouts, when they were generated ahead
+        ahead: Future | None = None
         try:
             while self.state.step < total:
-                groups = next(batches)
-                last, scored = self.step(groups)
+                current = ready or self.generate(next(batches))
+                if ahead is None and self.background is not None and self.state.step + 1 < total:
+                    ahead = self.generate_ahead(next(batches))
+                last, ready = self.train(current, ahead)
+                ahead = None
+                if ready is not None and self.state.step + 1 < total:
+                    ahead = self.generate_ahead(next(batches))  # overlaps this step's logging and checkpoint
                 step = self.state.step
                 run_log.log(step, last)
                 bar.update(1)
@@ -213,10 +354,12 @@ class GRPODriver:
                     bar.write(summary_line(step, total, last))
                 every = cfg.trainer.sample_images_every
                 if every and (step % every == 0 or step == 1):
-                    save_samples(step, groups, scored, self.out, ray.get)
+                    save_samples(step, current.batch.groups, current.scored, self.out, ray.get)
                 if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < total:
                     self.save()
         finally:
+            if ahead is not None:
+                wait([ahead])
             bar.close()
             batches.close()  # stop Ray Data's stream now, not at interpreter exit after Ray is gone
         checkpoint = self.save() if self.state.step != self.saved_step else None
@@ -231,6 +374,8 @@ class GRPODriver:
         }
 
     def shutdown(self) -> None:
+        if self.background is not None:
+            self.background.shutdown(wait=True)
         self.reward.shutdown()
         self.rollout.shutdown()
         self.learner.shutdown()

@@ -39,6 +39,7 @@ SUMMARY_KEYS = (
     ("time/update_s", "upd", "{:.1f}s"),
     ("time/sync_s", "sync", "{:.2f}s"),
     ("throughput/tokens_per_s_per_gpu", "tok/s/gpu", "{:.0f}"),
+    ("weights/staleness_max", "stale", "{:.0f}"),
 )
 CURVES = (
     "reward/total",

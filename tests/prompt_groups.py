@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from veason_ray.records import PromptGroup, Sample
+from veason_ray.records import ExpressionRecord, PromptGroup, Sample
 
 FRAME = 112  # 112x112 frames: 16 visual tokens each, to keep CPU time low (the code path is that of 560)
 
@@ -13,14 +13,11 @@ def make_group(group_id: int, num_frames: int = 2, seed: int | None = None, size
     """A group of `num_frames` random frames (seeded by `seed`, default the group id) at `size` pixels."""
     rng = np.random.default_rng(group_id if seed is None else seed)
     frames = rng.integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
+    record = ExpressionRecord(
+        "synthetic", "train", f"video{group_id}", "0", "the red square moving left", 0, (1,), ("1",)
+    )
     sample = Sample(
-        dataset="synthetic",
-        split="train",
-        video=f"video{group_id}",
-        exp_id="0",
-        expression="the red square moving left",
-        type_id=0,
-        obj_ids=(1,),
+        record=record,
         frame_indices=tuple(range(0, 3 * num_frames, 3)),
         keyframe=0,
         frames=frames,

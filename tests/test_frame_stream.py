@@ -66,12 +66,13 @@ def test_s3_stream_equals_local_read_and_skips_a_corrupt_jpeg(synthetic_revos, s
     spec = sampling_spec(cfg, "train")
     expected = {sample_key(r): build_sample(local, r, spec, epoch=1) for r in local.expressions()}
     first = next(iter(expected.values()))
-    bad_video, bad_index = first.video, first.keyframe  # uploaded truncated: a corrupt JPEG in the bucket
+    # uploaded truncated: a corrupt JPEG in the bucket
+    bad_video, bad_index = first.record.video, first.keyframe
     bad_frame = Path(local.video(bad_video).frame_uris[bad_index])
     store.write_bytes(
         join_uri(remote_root, bad_frame.relative_to(synthetic_revos).as_posix()), bad_frame.read_bytes()[:700]
     )
-    corrupt = {k for k, s in expected.items() if s.video == bad_video and bad_index in s.frame_indices}
+    corrupt = {k for k, s in expected.items() if s.record.video == bad_video and bad_index in s.frame_indices}
     assert corrupt and len(corrupt) < len(expected)
 
     stats = StreamStats()

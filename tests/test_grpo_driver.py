@@ -1,6 +1,7 @@
-"""The GRPO driver in disaggregated placement on 2 logical GPUs, killed mid-run and resumed.
+"""The GRPO driver in disaggregated placement on 2 logical GPUs: killed mid-run and resumed; one step
+off-policy (`trainer.max_staleness=1`) across an epoch boundary and a resume.
 
-`veason grpo` runs as its own process (its own local Ray cluster); the test kills the whole process group
+`veason grpo` runs as its own process (its own local Ray cluster); the first test kills the whole process group
 (driver, Ray and every actor: a lost node) once checkpoint 2 is complete, then starts the same command again.
 The second run must resume from the latest complete checkpoint and finish the remaining steps. (The colocated
 placement runs end to end in tests/test_demo.py, the README's first command.)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipelines.evaluate import select_expressions
+from pipelines.grpo import check_trainer_config
+from veason_ray.config_loading import ConfigError, load_config
+from veason_ray.datasets import open_dataset
+from veason_ray.sample_building import sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -33,7 +41,7 @@ def tiny_models(tmp_path_factory):
     )
 
 
-def grpo_command(out: Path, data: Path, models) -> list[str]:
+def grpo_command(out: Path, data: Path, models, *extra: str) -> list[str]:
     policy, sam2 = models
     return [
         sys.executable, "-m", "pipelines.cli", "grpo", "configs/demo.yaml",
@@ -43,8 +51,14 @@ def grpo_command(out: Path, data: Path, models) -> list[str]:
         "rollout.gpus_per_engine=1", "learner.gpus_per_worker=0.75", "reward.gpus_per_actor=0.25",
         "rollout.n=2", "rollout.sampling.max_new_tokens=16",
         f"trainer.steps={STEPS}", "trainer.save_every=1", "trainer.prompts_per_step=2",
-        "trainer.sample_images_every=0",
+        "trainer.sample_images_every=0", *extra,
     ]  # fmt: skip
+
+
+def grpo_env() -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def test_disaggregated_run_killed_after_a_checkpoint_resumes_and_finishes(
@@ -52,8 +66,7 @@ def test_disaggregated_run_killed_after_a_checkpoint_resumes_and_finishes(
 ):
     out = tmp_path / "run"
     command = grpo_command(out, synthetic_revos, tiny_models)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env = grpo_env()
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -80,3 +93,66 @@ def test_disaggregated_run_killed_after_a_checkpoint_resumes_and_finishes(
     driver_state = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "driver_state.json").read_text())
     assert driver_state["step"] == STEPS and len(driver_state["consumed"]) + driver_state["epoch"] > 0
     assert (out / "policy_hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_staleness=2"], "trainer.max_staleness=2: use 0 .* or 1"),
+        (["trainer.max_staleness=1", "learner.old_logprobs=engine"], "needs placement.mode=disaggregated"),
+        (
+            ["trainer.max_staleness=1", "placement.mode=disaggregated"],
+            "needs learner.old_logprobs=engine .* set learner.old_logprobs=engine",
+        ),
+    ],
+)
+def test_staleness_settings_the_driver_cannot_run_are_refused_with_the_fields_to_change(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_trainer_config(load_config(REPO / "configs" / "demo.yaml", overrides))
+    ok = ["trainer.max_staleness=1", "placement.mode=disaggregated", "learner.old_logprobs=engine"]
+    check_trainer_config(load_config(REPO / "configs" / "demo.yaml", ok))
+
+
+def test_one_step_off_policy_bounds_staleness_and_trains_on_every_sample_once(
+    tmp_path, synthetic_revos, tiny_models
+):
+    """5 expressions at 2 prompts a step: batches of 2, 2, 1 per epoch. Run 1 stops after step 3; its last
+    checkpoint is deleted, as if it had died after checkpoint 2 with batch 3 generated ahead and not trained.
+    Run 2 resumes there, trains batch 3 again (the rest of epoch 0) with epoch 1's first batch generated ahead,
+    and goes on to step 5."""
+    out = tmp_path / "run"
+    off_policy = ("trainer.max_staleness=1", "learner.old_logprobs=engine", "data.max_expressions=5")
+    env = grpo_env()
+    for steps in (3, 5):
+        command = grpo_command(out, synthetic_revos, tiny_models, *off_policy)
+        command[command.index(f"trainer.steps={STEPS}")] = f"trainer.steps={steps}"
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        if steps == 3:
+            assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+            shutil.rmtree(out / "checkpoints" / "step_00000003")
+    assert "resumed from" in run.stdout and "step_00000002" in run.stdout
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]
+    # run 1: step 1 on-policy, step 2 generated during step 1; run 2 starts on-policy again at step 3
+    assert [m["weights/staleness_max"] for m in steps] == [0, 1, 0, 1, 1]
+    assert [m["rollout/generated_ahead"] for m in steps] == [0, 1, 0, 1, 1]
+    assert all(m["weights/staleness_mean"] <= m["weights/staleness_max"] for m in steps)
+    assert [m["data/epoch"] for m in steps] == [0, 0, 0, 1, 1]
+
+    def state(step: int) -> dict:
+        return json.loads((out / "checkpoints" / f"step_{step:08d}" / "driver_state.json").read_text())
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["data.max_expressions=5"])
+    records = open_dataset("revos", str(synthetic_revos), "train").expressions()
+    epoch_keys = sorted(
+        sample_key(r) for r in select_expressions(list(records), cfg.data.expression_types, 5, 0)
+    )
+    assert len(epoch_keys) == 5
+    consumed = {step: state(step)["consumed"] for step in (1, 2, 3, 4, 5)}
+    assert [len(consumed[s]) for s in (1, 2, 3, 4, 5)] == [2, 4, 5, 2, 4]  # batch 3 once, after the resume
+    assert [state(s)["epoch"] for s in (1, 2, 3, 4, 5)] == [0, 0, 0, 1, 1]
+    assert sorted(consumed[3]) == epoch_keys  # every sample of epoch 0 exactly once
+    assert consumed[2] == consumed[3][:4] and consumed[4] == consumed[5][:2]
+    assert len(set(consumed[5])) == 4 and set(consumed[5]) <= set(epoch_keys)

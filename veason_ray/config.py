@@ -280,7 +280,10 @@ class TrainerConfig:
     resume: bool = True
     log_every: int = 1
     sample_images_every: int = 25
-    max_staleness: int = 0  # 0 = on-policy; 1 = generate step k+1 while step k trains
+    # 0 = on-policy; 1 = generate step k+1 while step k trains (needs placement.mode=disaggregated and
+    # learner.old_logprobs=engine; then every step's rollouts but those of a run's first step are one weight
+    # version old)
+    max_staleness: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -33,7 +33,7 @@ from veason_ray.frame_sampling import (
     spread_frames,
     top_area_frames,
 )
-from veason_ray.records import Sample
+from veason_ray.records import Sample, sample_key
 from veason_ray.video_decoding import BadDataError, FrameSource, frame_source
 
 Mode = Literal["train", "eval"]
@@ -66,11 +66,6 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         if self.mode not in ("train", "eval"):
             raise ValueError(f"sampling mode {self.mode!r}: expected 'train' or 'eval'")
-
-
-def sample_key(record: ExpressionRecord) -> str:
-    """``dataset/split/video/exp_id``, the same as :attr:`Sample.key`."""
-    return f"{record.dataset}/{record.split}/{record.video}/{record.exp_id}"
 
 
 def sample_rng(seed: int, key: str, epoch: int) -> np.random.Generator:
@@ -147,15 +142,8 @@ class FrameMaterial:
             )
         picked = [position[i] for i in frame_indices]
         whole = picked == list(range(len(self.frame_indices)))
-        r = self.record
         return Sample(
-            dataset=r.dataset,
-            split=r.split,
-            video=r.video,
-            exp_id=r.exp_id,
-            expression=r.expression,
-            type_id=r.type_id,
-            obj_ids=tuple(r.obj_ids),
+            record=self.record,
             frame_indices=tuple(frame_indices),
             keyframe=keyframe,
             frames=self.frames if whole else self.frames[picked],

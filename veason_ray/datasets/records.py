@@ -1,12 +1,16 @@
 """Typed records the dataset readers yield (a video, one expression on it) and the format error they raise.
 
 Small frozen dataclasses of plain values (cheap to pickle across processes); masks and frames are decoded on
-demand by the reader that produced the record.
+demand by the reader that produced the record. `ExpressionRecord` and the expression types are defined with
+the other records that cross process boundaries (`veason_ray/records.py`, which `Sample` builds on) and named
+here too, for the readers and their callers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from veason_ray.records import TYPE_NAMES, TYPE_NO_TARGET, TYPE_REASONING, TYPE_REFERRING, ExpressionRecord
 
 
 class DatasetFormatError(ValueError):
@@ -15,12 +19,6 @@ class DatasetFormatError(ValueError):
 
 class MissingMaskEntryError(DatasetFormatError):
     """An annotation id that the expression file names is absent from the mask file."""
-
-
-TYPE_REFERRING = 0
-TYPE_REASONING = 1
-TYPE_NO_TARGET = 2
-TYPE_NAMES = {TYPE_REFERRING: "referring", TYPE_REASONING: "reasoning", TYPE_NO_TARGET: "no_target"}
 
 
 @dataclass(frozen=True)
@@ -39,36 +37,13 @@ class VideoInfo:
         return len(self.frame_names)
 
 
-@dataclass(frozen=True)
-class ExpressionRecord:
-    """One expression of a dataset split.
-
-    ``type_id``: 0 referring, 1 reasoning, 2 no target (ReVOS); None where the dataset has no types (MeViS,
-    ReasonVOS). ``obj_ids`` are the target objects' ids within the video and ``anno_ids`` the keys of their
-    ground-truth masks, parallel to ``obj_ids`` (mask_dict keys for ReVOS/MeViS, annotation folder names for
-    ReasonVOS). ``is_sent`` is ReasonVOS's sentence-vs-phrase flag (None elsewhere).
-    """
-
-    dataset: str
-    split: str
-    video: str
-    exp_id: str
-    expression: str
-    type_id: int | None
-    obj_ids: tuple[int, ...]
-    anno_ids: tuple[str, ...]
-    is_sent: bool | None = None
-
-    @property
-    def is_multi_instance(self) -> bool:
-        """More than one target object (the method's definition: ``len(obj_id) > 1``)."""
-        return len(self.obj_ids) > 1
-
-    @property
-    def key(self) -> str:
-        """``"<video>/<exp_id>"``, unique within a split."""
-        return f"{self.video}/{self.exp_id}"
-
-    @property
-    def type_name(self) -> str | None:
-        return None if self.type_id is None else TYPE_NAMES[self.type_id]
+__all__ = [
+    "TYPE_NAMES",
+    "TYPE_NO_TARGET",
+    "TYPE_REASONING",
+    "TYPE_REFERRING",
+    "DatasetFormatError",
+    "ExpressionRecord",
+    "MissingMaskEntryError",
+    "VideoInfo",
+]

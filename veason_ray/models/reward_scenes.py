@@ -15,7 +15,7 @@ import numpy as np
 
 from veason_ray.boxes import ground_truth_boxes_560
 from veason_ray.prompts import render_answer
-from veason_ray.records import PromptGroup, Rollout, Sample
+from veason_ray.records import ExpressionRecord, PromptGroup, Rollout, Sample
 from veason_ray.rewards import RewardBreakdown
 
 SIZE = 560
@@ -82,14 +82,19 @@ def synthetic_group(
     gt_masks = object_masks.any(axis=0)
     gt_boxes = [ground_truth_boxes_560(object_masks[:, t]) for t in range(num_frames)]
     frame_indices = tuple(range(0, num_frames * frame_stride, frame_stride))
-    sample = Sample(
+    objects = tuple(range(1, num_objects + 1))
+    record = ExpressionRecord(
         dataset="synthetic",
         split="train",
         video=f"clip{seed}",
         exp_id=str(group_id),
         expression="the moving disc",
         type_id=0,
-        obj_ids=tuple(range(1, num_objects + 1)),
+        obj_ids=objects,
+        anno_ids=tuple(map(str, objects)),
+    )
+    sample = Sample(
+        record=record,
         frame_indices=frame_indices,
         keyframe=None,
         frames=frames,
