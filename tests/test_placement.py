@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -40,6 +41,10 @@ def test_disaggregated_config_reserves_separate_gpus_per_pool(cluster):
         assert specs[0] == [{"CPU": 1.0, "GPU": 1.0}]  # the rollout engine
         assert specs[1] == [{"CPU": 1.0, "GPU": 1.0}] * 2  # two learner ranks
         assert specs[2] == [{"CPU": 1.0, "GPU": 0.25}] * 4  # SAM2 actors share the last GPU
+        # ray.available_resources() is refreshed asynchronously after a reservation: poll it
+        deadline = time.monotonic() + 10
+        while ray.available_resources().get("GPU", 0) > 1e-6 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert ray.available_resources().get("GPU", 0) == pytest.approx(0.0)
     finally:
         placement.remove()
