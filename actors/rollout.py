@@ -17,7 +17,10 @@ GRPO groups: with `rollout.prefill_first` each prompt is first run once for a si
 and vision-encoder outputs are cached before its n samples are scheduled (otherwise vLLM schedules the n
 samples together and each recomputes the prefill). The prefix-cache hit rate is read from vLLM's own counters
 (`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits`: prompt tokens looked up and found, over every
-request including each of the n samples); see `prefix_cache_stats`.
+request including each of the n samples); see `last_generate_stats`.
+
+Requests are built by module functions (`engine_args`, `vllm_prompt`, `rollout_sampling_params`) so the bare-vLLM
+baseline of `benchmarks/rollout.py` runs the very same engine, prompts and sampling parameters without the actor.
 
 Talks to: the learner's weights (through a WeightTransport), the object store (frames passed by reference),
 and the driver that owns the pool (pipelines/).
@@ -34,6 +37,7 @@ from typing import Any
 
 import ray
 
+from actors.weight_sync import engine_weight_checksum, reload_weights_from_file, with_tied_head
 from veason_ray.config import RolloutConfig, SamplingConfig
 from veason_ray.records import PromptGroup, Rollout
 from veason_ray.training.sequences import vision_token_ids
@@ -78,6 +82,103 @@ def apply_engine_env(cfg: RolloutConfig, on_gpu: bool) -> None:
             os.environ.setdefault(key, value)
 
 
+def engine_args(
+    model_dir: str, cfg: RolloutConfig, on_gpu: bool, dtype: str = "bfloat16", seed: int = 0
+) -> dict[str, Any]:
+    """The keyword arguments of vLLM's `LLM` for a rollout engine. Log stats stay on: the prefix-cache counters
+    of `last_generate_stats` are vLLM's stats."""
+    kwargs: dict[str, Any] = {}
+    if on_gpu:
+        kwargs.update(
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            weight_transfer_config={"backend": "nccl" if cfg.weight_transport == "nccl" else "ipc"},
+        )
+    return dict(
+        model=model_dir,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len,
+        limit_mm_per_prompt={"image": cfg.max_images_per_prompt},
+        enforce_eager=cfg.enforce_eager,
+        disable_log_stats=False,
+        **kwargs,
+    )
+
+
+def rollout_sampling_params(
+    sampling: SamplingConfig, n: int, seed: int | None = None, logit_bias: dict[int, float] | None = None
+) -> Any:
+    """vLLM's SamplingParams for one group: n samples with the sampled token's log-prob at every step.
+
+    The log-probs come flat (`flat_logprobs`: a few lists per response instead of one dict and one Logprob
+    object per token, which Python's garbage collector rescans while the batch runs) and, unless stop strings
+    need vLLM's incremental detokenizer, undetokenized: vLLM's front end then neither detokenizes each new
+    token nor decodes each log-prob's token to a string, and the engine decodes every response once at the end
+    (`decode_texts`). Same values either way; only the per-token Python work of the front end goes."""
+    from vllm import SamplingParams
+
+    stop = list(sampling.stop) or None
+    return SamplingParams(
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
+        stop=stop,
+        logprobs=0,  # the sampled token's log-prob only
+        flat_logprobs=True,
+        detokenize=stop is not None,
+        logit_bias=logit_bias,
+        seed=seed,
+    )
+
+
+def vllm_prompt(processor: Any, group: PromptGroup) -> dict[str, Any]:
+    """A group's prompt as vLLM takes it: the chat-template text with image placeholders, and its frames."""
+    from veason_ray.models.hf_policy import split_images
+
+    frames = group.sample.resolve_frames(ray.get)
+    stripped, images = split_images(group.sample.messages(frames))
+    text = processor.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
+    return {"prompt": text, "multi_modal_data": {"image": images}}
+
+
+def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
+    """The sampled token's log-prob at each step, from vLLM's FlatLogprobs (with logprobs=0 one entry per step,
+    the sampled token's) or from its list of {token id: Logprob} per step."""
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(token_ids):
+        return [float(value) for value in flat]
+    return [float(step[token].logprob) for step, token in zip(logprobs, token_ids, strict=True)]
+
+
+def decode_texts(tokenizer: Any, token_ids: Sequence[Sequence[int]]) -> list[str]:
+    """Response texts, decoded in one batch as vLLM detokenizes (special tokens skipped, no clean-up). A response
+    that ends inside a UTF-8 sequence ends here in U+FFFD, where vLLM's incremental detokenizer leaves the
+    incomplete tail out."""
+    return tokenizer.batch_decode(
+        [list(ids) for ids in token_ids], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+
+
+def prefix_counters(llm: Any) -> tuple[int, int]:
+    """vLLM's cumulative (prompt tokens looked up in the prefix cache, tokens found there)."""
+    totals = {PREFIX_QUERIES: 0, PREFIX_HITS: 0}
+    for metric in llm.get_metrics():
+        if metric.name in totals:
+            totals[metric.name] += int(metric.value)
+    return totals[PREFIX_QUERIES], totals[PREFIX_HITS]
+
+
+def reset_engine_caches(llm: Any) -> None:
+    """Prefix, multimodal and encoder caches. `LLM` has no reset_encoder_cache (0.26, 0.32); its `LLMEngine`
+    has, in both process models."""
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
 class RolloutEngineError(RuntimeError):
     """A generate call could not complete within the pool's restart budget."""
 
@@ -90,51 +191,6 @@ class SleepState:
     level_or_tags: Any
     seconds: float = 0.0
     reason: str = ""
-
-
-def engine_weight_checksum(model: Any) -> WeightChecksum:
-    """The checksum of a vLLM model's weights as its kernels see them. Linear layers whose weights the CPU
-    backend repacked into opaque kernels (their `weight` parameter is left empty) are read back by running the
-    layer on an identity matrix: x @ W.T with x = I gives W.T exactly. A parameter shared by two modules
-    (tied embeddings) counts once, as in `checksum_weights`."""
-    import torch
-
-    checksum = WeightChecksum()
-    seen: set[int] = set()  # tied embeddings: one parameter under two modules
-    with torch.inference_mode():
-        for module_name, module in model.named_modules():
-            for param_name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                name = f"{module_name}.{param_name}"
-                if param_name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
-                    size = int(module.input_size_per_partition)
-                    identity = torch.eye(size, dtype=param.dtype)
-                    checksum.add(name, module.cpu_linear(identity, param, None))
-                elif param.numel():
-                    checksum.add(name, param)
-    return checksum
-
-
-def with_tied_head(weights: list[tuple[str, Any]], tied: bool) -> list[tuple[str, Any]]:
-    """The weights plus `lm_head.weight` = the embedding when the model ties them and only the embedding came
-    (a learner sends a tied tensor once). vLLM's CPU backend packs the head's matrix for its GEMM kernel at load
-    time, apart from the embedding it shares a parameter with; `reload_weights` repacks only the modules whose
-    names it was given, so without the head's name the logits keep the old weights (measured: log-probs off by
-    0.1 after one learner step, checksums equal)."""
-    names = {name for name, _ in weights}
-    if not tied or any(n.endswith("lm_head.weight") for n in names):
-        return weights
-    embed = [(n, t) for n, t in weights if n.endswith("embed_tokens.weight")]
-    return weights + [("lm_head.weight", embed[0][1])] if embed else weights
-
-
-def reload_weights_from_file(worker: Any, path: str) -> None:
-    """Runs in vLLM's worker (`collective_rpc`): load the (name, tensor) pairs saved at `path` in place."""
-    import torch
-
-    worker.reload_weights(weights_iterator=torch.load(path, mmap=True, weights_only=True))
 
 
 class RolloutEngine:
@@ -151,26 +207,9 @@ class RolloutEngine:
         self.cfg = cfg
         self.version = 0
         self._staged: list[tuple[str, Any]] = []
-        self._last_stats: dict[str, int] = {}
+        self._last_stats: dict[str, float] = {}
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {}
-        if self.on_gpu:
-            kwargs.update(
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                enable_sleep_mode=cfg.enable_sleep_mode,
-                weight_transfer_config={"backend": "nccl" if cfg.weight_transport == "nccl" else "ipc"},
-            )
-        self.llm = LLM(
-            model=model_dir,
-            dtype=dtype,
-            seed=seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            limit_mm_per_prompt={"image": cfg.max_images_per_prompt},
-            enforce_eager=cfg.enforce_eager,
-            disable_log_stats=False,  # the prefix-cache counters of `prefix_cache_stats`
-            **kwargs,
-        )
+        self.llm = LLM(**engine_args(model_dir, cfg, self.on_gpu, dtype, seed))
         self.start_seconds = time.perf_counter() - start
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
@@ -188,98 +227,92 @@ class RolloutEngine:
             "engine_core": "separate" if separate else "inproc",
         }
 
+    def close(self) -> None:
+        """Shut vLLM's engine core down before the actor is killed, so a separate engine-core process has given
+        its GPU memory back when a replacement starts (whether or not Ray reaps a killed actor's children)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # ---- generation ----
 
-    def _sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None) -> Any:
-        from vllm import SamplingParams
-
-        bias = {i: _BANNED_LOGIT for i in self.vision_token_ids} if self.cfg.suppress_vision_tokens else None
-        return SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            logprobs=0,  # the sampled token's log-prob only
-            logit_bias=bias,
-            seed=seed if self.cfg.seed_requests else None,
-        )
-
-    def _prompt(self, group: PromptGroup) -> dict[str, Any]:
-        from veason_ray.models.hf_policy import split_images
-
-        frames = group.sample.resolve_frames(ray.get)
-        stripped, images = split_images(group.sample.messages(frames))
-        text = self.processor.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
-        return {"prompt": text, "multi_modal_data": {"image": images}}
-
     def generate(
-        self, groups: Sequence[PromptGroup], sampling: SamplingConfig, n: int, seed: int | None = None
+        self,
+        groups: Sequence[PromptGroup],
+        sampling: SamplingConfig,
+        n: int,
+        seed: int | None = None,
+        prefill_first: bool | None = None,
     ) -> list[list[Rollout]]:
         """n responses per group. With `rollout.seed_requests` and a `seed`, group g samples with seed
-        `seed + g.group_id` (reproducible whichever engine serves it); otherwise from the engine's own stream."""
+        `seed + g.group_id` (reproducible whichever engine serves it); otherwise from the engine's own stream.
+        `prefill_first` overrides `rollout.prefill_first` for this call."""
         if not groups:
             return []
         from vllm import SamplingParams
 
-        prompts = [self._prompt(g) for g in groups]
-        stats = {"warmup_prompt_tokens": 0, "warmup_cached_tokens": 0}
-        if self.cfg.prefill_first and n > 1:
-            before = self._prefix_counters()
-            self.llm.generate(prompts, SamplingParams(n=1, max_tokens=1), use_tqdm=False)
-            after = self._prefix_counters()
+        prompts = [vllm_prompt(self.processor, g) for g in groups]
+        stats = {"warmup_prompt_tokens": 0, "warmup_cached_tokens": 0, "warmup_seconds": 0.0}
+        if (self.cfg.prefill_first if prefill_first is None else prefill_first) and n > 1:
+            start, before = time.perf_counter(), prefix_counters(self.llm)
+            self.llm.generate(prompts, SamplingParams(n=1, max_tokens=1, detokenize=False), use_tqdm=False)
+            after = prefix_counters(self.llm)
             stats = {
                 "warmup_prompt_tokens": after[0] - before[0],
                 "warmup_cached_tokens": after[1] - before[1],
+                "warmup_seconds": time.perf_counter() - start,
             }
+        bias = {i: _BANNED_LOGIT for i in self.vision_token_ids} if self.cfg.suppress_vision_tokens else None
+        seeded = self.cfg.seed_requests and seed is not None
         params = [
-            self._sampling_params(sampling, n, None if seed is None else seed + g.group_id) for g in groups
+            rollout_sampling_params(sampling, n, seed + g.group_id if seeded else None, bias) for g in groups
         ]
-        before = self._prefix_counters()
+        start, before = time.perf_counter(), prefix_counters(self.llm)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        after = self._prefix_counters()
+        after, generated = prefix_counters(self.llm), time.perf_counter()
+        rollouts = self._rollouts(groups, outputs, detokenized=params[0].detokenize)
         self._last_stats = {
             **stats,
             "prompt_tokens": after[0] - before[0],
             "cached_tokens": after[1] - before[1],
+            "generate_seconds": generated - start,
+            "convert_seconds": time.perf_counter() - generated,
         }
-        return [self._rollouts(g, out) for g, out in zip(groups, outputs, strict=True)]
+        return rollouts
 
-    def _prefix_counters(self) -> tuple[int, int]:
-        """vLLM's cumulative (prompt tokens looked up in the prefix cache, tokens found there)."""
-        totals = {PREFIX_QUERIES: 0, PREFIX_HITS: 0}
-        for metric in self.llm.get_metrics():
-            if metric.name in totals:
-                totals[metric.name] += int(metric.value)
-        return totals[PREFIX_QUERIES], totals[PREFIX_HITS]
-
-    def _rollouts(self, group: PromptGroup, output: Any) -> list[Rollout]:
-        rollouts = []
-        for index, completion in enumerate(output.outputs):
-            token_ids = list(completion.token_ids)
-            logprobs = [
-                float(step[token].logprob) for step, token in zip(completion.logprobs, token_ids, strict=True)
-            ]
-            rollouts.append(
+    def _rollouts(
+        self, groups: Sequence[PromptGroup], outputs: Any, detokenized: bool
+    ) -> list[list[Rollout]]:
+        """Per group, its n Rollouts; texts are vLLM's when it detokenized, else decoded here in one batch."""
+        completions = [c for out in outputs for c in out.outputs]
+        texts = iter(
+            [c.text for c in completions]
+            if detokenized
+            else decode_texts(self.processor.tokenizer, [c.token_ids for c in completions])
+        )
+        return [
+            [
                 Rollout(
                     group_id=group.group_id,
                     response_index=index,
-                    text=completion.text,
-                    token_ids=token_ids,
-                    logprobs=logprobs,
+                    text=next(texts),
+                    token_ids=list(completion.token_ids),
+                    logprobs=sampled_logprobs(completion.logprobs, completion.token_ids),
                     finish_reason=str(completion.finish_reason),
                     weight_version=self.version,
                     prompt_token_count=len(output.prompt_token_ids or ()),
                 )
-            )
-        return rollouts
+                for index, completion in enumerate(output.outputs)
+            ]
+            for group, output in zip(groups, outputs, strict=True)
+        ]
 
-    def prefix_cache_stats(self) -> dict[str, int]:
-        """Prefix-cache token counts of the last generate call: `prompt_tokens` / `cached_tokens` over the n
+    def last_generate_stats(self) -> dict[str, float]:
+        """The last generate call. Prefix cache, in prompt tokens: `prompt_tokens` / `cached_tokens` over the n
         sampled requests of every group (each sample counts its whole prompt), `warmup_*` over the prefill-first
         pass (zero without it). The hit rate of the call is (cached + warmup_cached) / (prompt + warmup_prompt):
         every prompt token the engine had to provide, whether computed or served from cache; its ceiling with
-        prefill_first is n / (n + 1) (the warm-up computes each prompt once), without it (n - 1) / n."""
+        prefill_first is n / (n + 1) (the warm-up computes each prompt once), without it (n - 1) / n.
+        Seconds: `warmup_seconds` (prefill-first pass), `generate_seconds` (vLLM's generate of the n samples),
+        `convert_seconds` (vLLM outputs to Rollouts, texts decoded)."""
         return dict(self._last_stats)
 
     # ---- weights: reload path (CPU and any machine) ----
@@ -360,10 +393,7 @@ class RolloutEngine:
         self.version = int(version)
 
     def reset_caches(self) -> None:
-        """`LLM` has no reset_encoder_cache (0.26, 0.32); its `LLMEngine` has, in both process models."""
-        self.llm.reset_prefix_cache()
-        self.llm.reset_mm_cache()
-        self.llm.llm_engine.reset_encoder_cache()
+        reset_engine_caches(self.llm)
 
     def weight_checksum(self) -> WeightChecksum:
         """Checksum of the weights the engine computes with (tensor_parallel_size 1)."""

@@ -3,7 +3,9 @@
 
 `generate` spreads the groups over the engines in equal contiguous chunks; a chunk whose engine dies or passes
 `request_timeout_s` is retried on a restarted engine that was first re-synced to the pool's weight version (at
-most `max_restarts` restarts per call). Weights arrive through a WeightTransport (`actors/weight_sync.py`).
+most `max_restarts` restarts per call). A restart or shutdown first closes the engine's vLLM (bounded wait), so
+a separate engine-core process has given its GPU memory back before a replacement starts. Weights arrive through
+a WeightTransport (`actors/weight_sync.py`).
 
 Talks to: its RolloutEngine actors, and the driver that owns the pool (pipelines/).
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from actors.rollout import RolloutEngine, RolloutEngineError, SleepState
 from actors.weight_sync import SyncReport, WeightSource, WeightTransport
@@ -26,6 +28,8 @@ from veason_ray.records import PromptGroup, Rollout
 from veason_ray.weight_transport import WeightChecksum
 
 log = logging.getLogger(__name__)
+
+ENGINE_CLOSE_TIMEOUT_S = 30.0  # a live engine closes in seconds; a hung one never answers
 
 
 class WeightSender(Protocol):
@@ -109,7 +113,9 @@ class RolloutPool:
         pending: dict[ray.ObjectRef, tuple[int, slice, float]] = {}
 
         def submit(engine: int, part: slice) -> None:
-            ref = self.engines[engine].generate.remote(groups[part], sampling, n, self.seed)
+            ref = self.engines[engine].generate.remote(
+                groups[part], sampling, n, self.seed, self.cfg.prefill_first
+            )
             pending[ref] = (engine, part, time.monotonic() + self.cfg.request_timeout_s)
 
         for engine, part in enumerate(_split(len(groups), len(self.engines))):
@@ -156,7 +162,7 @@ class RolloutPool:
     def restart(self, engine: int) -> float:
         """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds."""
         start = time.perf_counter()
-        ray.kill(self.engines[engine], no_restart=True)
+        self._stop([self.engines[engine]])
         self.engines[engine] = self._spawn(engine)
         self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
         if self.sender is not None and self.version:
@@ -212,9 +218,22 @@ class RolloutPool:
         return states
 
     def shutdown(self) -> None:
-        for engine in self.engines:
-            ray.kill(engine, no_restart=True)
+        self._stop(self.engines)
         self.engines = []
+
+    @staticmethod
+    def _stop(engines: Sequence[Any]) -> None:
+        """Close the engines' vLLM (their GPU memory is free when this returns; a dead or hung engine is not
+        waited for beyond `ENGINE_CLOSE_TIMEOUT_S`), then kill their actors."""
+        closing = [e.close.remote() for e in engines]
+        deadline = time.monotonic() + ENGINE_CLOSE_TIMEOUT_S
+        for ref in closing:
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except RayError as e:  # dead (RayActorError), hung (GetTimeoutError) or failing: killed anyway
+                log.info("rollout engine not closed cleanly (%s); killing it", type(e).__name__)
+        for engine in engines:
+            ray.kill(engine, no_restart=True)
 
 
 def _split(items: int, parts: int) -> list[slice]:

@@ -13,6 +13,9 @@ multimodal and prefix caches after the update (in `actors/rollout.py`). Transpor
 restarted engine is re-synced (`replay`) without the learner's help for the reload path, and from the kept
 source callable for the GPU paths.
 
+The engine side (`engine_weight_checksum`, `with_tied_head`, `reload_weights_from_file`) runs in the rollout
+actor or in vLLM's worker: it reads back what the kernels compute with, and completes what the reload path loads.
+
 A source is a callable that returns a fresh iterable of `(name, tensor)` in Hugging Face checkpoint names
 (e.g. `model.state_dict().items()`), so it can be iterated again for a replay.
 
@@ -34,7 +37,7 @@ from typing import Any, ClassVar
 import ray
 import torch
 
-from veason_ray.weight_transport import WeightBucket, pack_buckets
+from veason_ray.weight_transport import WeightBucket, WeightChecksum, pack_buckets
 
 WeightSource = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -269,6 +272,50 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+# ---- the engine side: functions that run in vLLM's worker or on the weights it received ----
+
+
+def engine_weight_checksum(model: Any) -> WeightChecksum:
+    """The checksum of a vLLM model's weights as its kernels see them. Linear layers whose weights the CPU
+    backend repacked into opaque kernels (their `weight` parameter is left empty) are read back by running the
+    layer on an identity matrix: x @ W.T with x = I gives W.T exactly. A parameter shared by two modules
+    (tied embeddings) counts once, as in `checksum_weights`."""
+    checksum = WeightChecksum()
+    seen: set[int] = set()  # tied embeddings: one parameter under two modules
+    with torch.inference_mode():
+        for module_name, module in model.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}"
+                if param_name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+                    size = int(module.input_size_per_partition)
+                    identity = torch.eye(size, dtype=param.dtype)
+                    checksum.add(name, module.cpu_linear(identity, param, None))
+                elif param.numel():
+                    checksum.add(name, param)
+    return checksum
+
+
+def with_tied_head(weights: list[tuple[str, Any]], tied: bool) -> list[tuple[str, Any]]:
+    """The weights plus `lm_head.weight` = the embedding when the model ties them and only the embedding came
+    (a learner sends a tied tensor once). vLLM's CPU backend packs the head's matrix for its GEMM kernel at load
+    time, apart from the embedding it shares a parameter with; `reload_weights` repacks only the modules whose
+    names it was given, so without the head's name the logits keep the old weights (measured: log-probs off by
+    0.1 after one learner step, checksums equal)."""
+    names = {name for name, _ in weights}
+    if not tied or any(n.endswith("lm_head.weight") for n in names):
+        return weights
+    embed = [(n, t) for n, t in weights if n.endswith("embed_tokens.weight")]
+    return weights + [("lm_head.weight", embed[0][1])] if embed else weights
+
+
+def reload_weights_from_file(worker: Any, path: str) -> None:
+    """Runs in vLLM's worker (`collective_rpc`): load the (name, tensor) pairs saved at `path` in place."""
+    worker.reload_weights(weights_iterator=torch.load(path, mmap=True, weights_only=True))
 
 
 TRANSPORTS: dict[str, type[WeightTransport]] = {
