@@ -165,7 +165,7 @@ def rollout_config(args: argparse.Namespace) -> RolloutConfig:
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens),
         suppress_vision_tokens=args.suppress_vision,
         engine_core_process=args.engine_core_process,
-        prefill_first=not args.no_prefill_first,
+        prefill_first=args.prefill_first,
         seed_requests=args.seed_requests,
     )
 
@@ -307,7 +307,7 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
     on_gpu = torch.cuda.is_available()
     cfg = rollout_config(args)
     groups = make_groups(args.prompts, args.frames, args.size)
-    label = "our pool" + (", no prefill-first" if args.no_prefill_first else "")
+    label = "our pool" + (", prefill-first" if args.prefill_first else ", no prefill-first")
     ray.init(num_gpus=None if on_gpu else 1, include_dashboard=False, log_to_driver=False)
     try:
         pool = RolloutPool(args.model, cfg, seed=0)
@@ -395,7 +395,11 @@ def parse_args() -> argparse.Namespace:
     add("--bucket-mb", type=float, default=1024)
     add("--engine-core-process", choices=["auto", "inproc", "separate"], default="auto",
         help="auto: inproc on CPU, separate with CUDA")  # fmt: skip
-    add("--no-prefill-first", action="store_true", help="the pool schedules the n samples at once")
+    add(
+        "--prefill-first",
+        action="store_true",
+        help="each prompt once before its n samples (rollout.prefill_first)",
+    )
     add("--seed-requests", action="store_true", help="per-request seeds (reproducible, slower)")
     add("--suppress-vision", action="store_true", help="logit_bias against vision tokens")
     add("--bare-passes", type=int, default=2, help="bare vLLM passes, 1-3 (0: no bare vLLM)")

