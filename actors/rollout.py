@@ -83,11 +83,17 @@ def apply_engine_env(cfg: RolloutConfig, on_gpu: bool) -> None:
 
 
 def engine_args(
-    model_dir: str, cfg: RolloutConfig, on_gpu: bool, dtype: str = "bfloat16", seed: int = 0
+    model_dir: str,
+    cfg: RolloutConfig,
+    on_gpu: bool,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    load_checkpoint: bool = True,
 ) -> dict[str, Any]:
     """The keyword arguments of vLLM's `LLM` for a rollout engine. Log stats stay on: the prefix-cache counters
-    of `last_generate_stats` are vLLM's stats."""
-    kwargs: dict[str, Any] = {}
+    of `last_generate_stats` are vLLM's stats. `load_checkpoint=False`: weights initialised without reading
+    the checkpoint (vLLM's "dummy" load), for an engine whose weights are pushed to it right after it starts."""
+    kwargs: dict[str, Any] = {} if load_checkpoint else {"load_format": "dummy"}
     if on_gpu:
         kwargs.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -196,7 +202,14 @@ class SleepState:
 class RolloutEngine:
     """The body of one rollout actor: a vLLM engine for the policy in `model_dir`."""
 
-    def __init__(self, model_dir: str, cfg: RolloutConfig, dtype: str = "bfloat16", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        load_checkpoint: bool = True,
+    ) -> None:
         import torch
 
         self.on_gpu = torch.cuda.is_available()
@@ -209,7 +222,8 @@ class RolloutEngine:
         self._staged: list[tuple[str, Any]] = []
         self._last_stats: dict[str, float] = {}
         start = time.perf_counter()
-        self.llm = LLM(**engine_args(model_dir, cfg, self.on_gpu, dtype, seed))
+        self.load_checkpoint = load_checkpoint
+        self.llm = LLM(**engine_args(model_dir, cfg, self.on_gpu, dtype, seed, load_checkpoint))
         self.start_seconds = time.perf_counter() - start
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
@@ -225,6 +239,7 @@ class RolloutEngine:
             "start_seconds": self.start_seconds,
             "pid": os.getpid(),
             "engine_core": "separate" if separate else "inproc",
+            "weights": "checkpoint" if self.load_checkpoint else "dummy (pushed after start)",
         }
 
     def close(self) -> None:

@@ -87,9 +87,9 @@ class RolloutPool:
         self.engine_info = ray.get([e.ready.remote() for e in self.engines])
         self.start_seconds = time.perf_counter() - start
 
-    def _spawn(self, index: int) -> Any:
+    def _spawn(self, index: int, load_checkpoint: bool = True) -> Any:
         return self._actor_cls.options(**self._scheduling[index]).remote(
-            self.model_dir, self.cfg, self.dtype, self.seed or 0
+            self.model_dir, self.cfg, self.dtype, self.seed or 0, load_checkpoint
         )
 
     # ---- generation ----
@@ -160,13 +160,19 @@ class RolloutPool:
     # ---- health ----
 
     def restart(self, engine: int) -> float:
-        """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds."""
+        """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds.
+        When weights were pushed, the replacement skips reading the checkpoint (vLLM's dummy load): the replay
+        overwrites every weight anyway."""
         start = time.perf_counter()
         self._stop([self.engines[engine]])
-        self.engines[engine] = self._spawn(engine)
+        resync = self.sender is not None and self.version > 0
+        self.engines[engine] = self._spawn(engine, load_checkpoint=not resync)
         self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
-        if self.sender is not None and self.version:
-            self.sender.replay([self.engines[engine]], self.engines)
+        if resync and self.sender.replay([self.engines[engine]], self.engines) is None:
+            raise RuntimeError(  # never serve a dummy-initialised engine
+                f"rollout engine {engine} restarted without its checkpoint, but the weight sender had nothing "
+                f"to replay for version {self.version}"
+            )
         if self.asleep:
             ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
         seconds = time.perf_counter() - start
