@@ -1,5 +1,6 @@
-"""EvaluatorActor: holds one policy (Hugging Face) and one SAM2 propagator, and evaluates expressions one call
-at a time. The evaluation driver (`pipelines/evaluate.py`) runs a pool of them; each loads its models once.
+"""EvaluatorActor: holds one policy (Hugging Face) and one mask propagator (SAM2, or the colour tracker of the
+synthetic world: `reward.propagator`), and evaluates expressions one call at a time. The evaluation driver
+(`pipelines/evaluate.py`) runs a pool of them; each loads its models once.
 
 Talks to: the dataset (read through `veason_ray.datasets`, local or s3://) and nothing else.
 """
@@ -16,13 +17,13 @@ from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
 from veason_ray.datasets import open_dataset
 from veason_ray.evaluation import ExpressionResult, evaluate_answer, load_evaluation_inputs, oracle_response
 from veason_ray.models.hf_policy import GenerationSettings, HFPolicy
-from veason_ray.models.loading import load_policy, load_sam2_video_predictor
-from veason_ray.models.sam2_propagator import SAM2MaskPropagator
+from veason_ray.models.loading import load_policy
+from veason_ray.models.propagator_choice import build_mask_propagator
 from veason_ray.visualize import save_png, video_overlay_grid
 
 
 class EvaluatorActor:
-    """One shard of an evaluation: policy + SAM2 on this actor's device."""
+    """One shard of an evaluation: policy + mask propagator on this actor's device."""
 
     def __init__(self, cfg: VeasonConfig, split: str) -> None:
         apply_cpu_workarounds()
@@ -39,16 +40,9 @@ class EvaluatorActor:
             cache_dir=cache_dir,
         )
         self.policy = HFPolicy(model, processor)
-        sam2 = cfg.reward.sam2
-        predictor = load_sam2_video_predictor(
-            sam2.checkpoint,
-            sam2.config or None,
-            image_size=sam2.image_size or None,
-            device=self.device,
-            storage=cfg.storage,
-            cache_dir=cache_dir,
+        self.propagator = build_mask_propagator(
+            cfg.reward, device=self.device, storage=cfg.storage, cache_dir=cache_dir
         )
-        self.propagator = SAM2MaskPropagator(predictor)
 
     def evaluate(
         self, video: str, exp_id: str, seed: int, overlay_path: str | None = None

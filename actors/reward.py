@@ -1,6 +1,7 @@
 """SAM2RewardPool: the verifiable rewards of GRPO groups, on Ray actors that each hold one frozen SAM2 on a
-fraction of a GPU. The GRPO driver submits each group as soon as its rollouts are generated and collects
-scored groups in completion order, so reward overlaps generation.
+fraction of a GPU (or, with `reward.propagator: colour`, the synthetic world's colour tracker and no model). The
+GRPO driver submits each group as soon as its rollouts are generated and collects scored groups in completion
+order, so reward overlaps generation.
 
 Each `SAM2RewardWorker` batches the groups that reach it while it is busy: one shared pass per batch
 (`veason_ray.models.group_scoring.score_groups`: every frame encoded once, identical objects tracked once,
@@ -8,8 +9,9 @@ objects of all groups batched through SAM2) gives every rollout exactly `rewards
 
 Faults: an actor that dies is restarted by Ray (`max_restarts`), one that hangs past `timeout_s` is killed
 and restarted, one that cannot restart is replaced; its groups are retried on whichever actor is up. After
-`max_retries` retries a group is scored without SAM2 (consistency 0, the reason in `consistency_error` and
-`Scored.notes["reward_failure"]`, logged). Every submitted group comes back; nothing blocks for ever.
+`max_retries` retries a group is scored without the propagator (consistency 0, the reason in
+`consistency_error` and `Scored.notes["reward_failure"]`, logged). Every submitted group comes back; nothing
+blocks for ever.
 
 Talks to: the driver that owns it (pipelines/), and the object store for frames passed by reference.
 """
@@ -41,35 +43,24 @@ _ACTOR_THREADS = 64  # concurrent score() calls one actor accepts (each waits fo
 
 
 class SAM2RewardWorker:
-    """The body of one reward actor: a SAM2 group propagator and a thread that scores queued groups in
-    batches of up to `max_groups_per_batch`. The pool runs it as a threaded Ray actor."""
+    """The body of one reward actor: the mask propagator of `reward.propagator` (a SAM2 group propagator by
+    default; the colour tracker on the synthetic world) and a thread that scores queued groups in batches of up
+    to `max_groups_per_batch`. The pool runs it as a threaded Ray actor."""
 
     def __init__(
         self, reward_cfg: RewardConfig, storage: StorageConfig | None = None, cache_dir: str | None = None
     ):
         import torch
 
-        from veason_ray.models.loading import load_sam2_video_predictor
-        from veason_ray.models.sam2_group import SAM2GroupPropagator
+        from veason_ray.models.propagator_choice import build_mask_propagator
 
         self.cfg = reward_cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        sam2 = reward_cfg.sam2
-        predictor = load_sam2_video_predictor(
-            sam2.checkpoint,
-            sam2.config or None,
-            image_size=sam2.image_size or None,
-            device=self.device,
-            storage=storage,
-            cache_dir=cache_dir,
-        )
-        self.propagator = SAM2GroupPropagator(
-            predictor,
-            encode_batch_size=reward_cfg.encode_batch_size,
-            max_objects_per_batch=reward_cfg.max_objects_per_batch,
+        self.propagator = build_mask_propagator(
+            reward_cfg, device=self.device, storage=storage, cache_dir=cache_dir, batched=True
         )
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="sam2-reward", daemon=True).start()
+        threading.Thread(target=self._serve, name="reward-scoring", daemon=True).start()
 
     def ready(self) -> str:
         """This incarnation of the actor: process id and device (answers once the model is loaded)."""
@@ -361,7 +352,7 @@ class SAM2RewardPool:
         self._slots[index] = self._start_actor(index)
 
     def _fail(self, call: _Call, reason: str) -> None:
-        """Count a failed attempt: retry the group, or after `max_retries` retries score it without SAM2."""
+        """Count a failed attempt: retry the group, or after `max_retries` retries score it without the propagator."""
         self._detach(call)
         call.attempts += 1
         call.errors.append(reason)
@@ -391,7 +382,7 @@ class SAM2RewardPool:
                 gt_boxes=sample.gt_boxes_560,
                 weights=self.cfg.weights,
             )
-            if reward.consistency_error is not None:  # SAM2 was needed: say why it is missing
+            if reward.consistency_error is not None:  # the propagator was needed: say why it is missing
                 reward = dataclasses.replace(reward, consistency_error=message)
             notes = {
                 "reward_ticket": call.ticket,

@@ -183,11 +183,15 @@ class SAM2Config:
 
 @dataclass
 class RewardConfig:
-    """Verifiable rewards and the SAM2 reward pool."""
+    """Verifiable rewards and the reward pool (SAM2, or the colour tracker of the synthetic world)."""
 
     weights: RewardWeights = field(default_factory=RewardWeights)
     max_boxes: int = 120
     sam2: SAM2Config = field(default_factory=SAM2Config)
+    # The mask propagator of the consistency reward and of evaluation. "sam2": the frozen SAM2 of `sam2`.
+    # "colour": a colour tracker (models/colour_propagator.py), for the synthetic world only: J&F and the
+    # consistency reward are meaningful there without SAM2 weights; no SAM2 checkpoint is loaded.
+    propagator: Literal["sam2", "colour"] = "sam2"
     actors: int = 1
     gpus_per_actor: float = 0.25
     timeout_s: float = 300.0
@@ -365,7 +369,7 @@ class SFTConfig:
     output_dir: str = ""  # metrics, curve, summary and the exported hf/ folder; empty = <run.output_dir>/sft
     epochs: int = 3
     lr: float = 1e-5  # peak AdamW lr (LLaMA-Factory's full-SFT default; LoRA runs usually take 1e-4)
-    warmup_steps: int = 0  # linear warm-up in optimizer steps, then constant
+    warmup_steps: int = 0  # linear warm-up in optimizer steps, then a cosine decay towards 0 at the last step
     grad_clip: float = 1.0  # global gradient-norm clip
     batch_size: int = 16  # examples per optimizer step over all ranks
     max_examples: int = 0  # 0 = all records (the first N in file order otherwise)

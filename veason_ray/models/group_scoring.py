@@ -1,10 +1,11 @@
-"""The full reward of many GRPO groups at once, with one shared SAM2 propagation pass.
+"""The full reward of many GRPO groups at once, with one shared propagation pass.
 
 `score_groups` gives every rollout exactly `rewards.score_response` (format, keyframe, spatial, consistency);
 only the order of work changes. Pass 1 runs `score_response` with a propagator that records what it is asked
-to propagate (and stops there); all recorded requests then go to `SAM2GroupPropagator.propagate_many` in one
-call (each video encoded once, identical objects tracked once, objects batched); pass 2 runs `score_response`
-again with a propagator that answers from those results. So the reward logic exists once, in rewards.py.
+to propagate (and stops there); all recorded requests then go to the mask propagator's `propagate_many` in one
+call (with `SAM2GroupPropagator`: each video encoded once, identical objects tracked once, objects batched;
+other propagators answer request by request); pass 2 runs `score_response` again with a propagator that
+answers from those results. So the reward logic exists once, in rewards.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from veason_ray.config import RewardWeights
-from veason_ray.mask_propagation import MaskPropagator
-from veason_ray.models.sam2_group import PropagationRequest, SAM2GroupPropagator
+from veason_ray.mask_propagation import MaskPropagator, PropagationRequest
 from veason_ray.records import PromptGroup, Rollout, Scored
 from veason_ray.rewards import RewardBreakdown, score_response
 
@@ -60,15 +60,15 @@ class _AnsweringPropagator(MaskPropagator):
 
 
 def _propagate_all(
-    propagator: SAM2GroupPropagator, videos: dict[int, np.ndarray], requests: list[PropagationRequest]
+    propagator: MaskPropagator, videos: dict[int, np.ndarray], requests: list[PropagationRequest]
 ) -> list[np.ndarray | Exception]:
     """All requests in one call; if that call fails, each request alone, so one bad request costs only its
     own consistency part."""
     try:
         return list(propagator.propagate_many(videos, requests))
-    except Exception as error:  # noqa: BLE001 - any SAM2 failure is isolated below, never raised
+    except Exception as error:  # noqa: BLE001 - any propagator failure is isolated below, never raised
         log.warning(
-            "batched SAM2 propagation failed (%s: %s); propagating one request at a time",
+            "batched mask propagation failed (%s: %s); propagating one request at a time",
             type(error).__name__,
             error,
         )
@@ -95,10 +95,11 @@ def _score(item: GroupInput, rollout: Rollout, propagator: MaskPropagator | None
 
 
 def score_groups(
-    items: Sequence[GroupInput], propagator: SAM2GroupPropagator, weights: RewardWeights | None = None
+    items: Sequence[GroupInput], propagator: MaskPropagator, weights: RewardWeights | None = None
 ) -> list[list[Scored]]:
-    """`Scored` for every rollout of every group (same order), each reward equal to `score_response` with a
-    plain SAM2 propagator on the same model; the propagation of all groups is shared and batched."""
+    """`Scored` for every rollout of every group (same order), each reward equal to `score_response` with
+    `propagator` (for `SAM2GroupPropagator`: with a plain SAM2 propagator on the same model); the propagation
+    requests of all groups go to `propagator.propagate_many` in one call."""
     weights = weights or RewardWeights()
     first: list[list[RewardBreakdown]] = []
     pending: list[tuple[int, int, int]] = []  # (group, rollout, request index)

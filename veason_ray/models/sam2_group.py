@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
-from veason_ray.mask_propagation import MaskPropagator
-from veason_ray.models.sam2_propagator import SAM2MaskPropagator, check_propagation_inputs, sam2_input_frames
+from veason_ray.mask_propagation import MaskPropagator, PropagationRequest, check_propagation_inputs
+from veason_ray.models.sam2_propagator import SAM2MaskPropagator, sam2_input_frames
 
 apply_cpu_workarounds()
 
@@ -46,16 +46,6 @@ from sam2.utils.misc import fill_holes_in_mask_scores  # noqa: E402
 
 if TYPE_CHECKING:
     from sam2.sam2_video_predictor import SAM2VideoPredictor
-
-
-@dataclass(frozen=True)
-class PropagationRequest:
-    """One answer's propagation: `boxes` (K, 4) float32 x1,y1,x2,y2 in the pixels of the frames of `video`
-    (a key into the videos given alongside), all on the frame at `keyframe_position` (0..T-1)."""
-
-    video: Hashable
-    keyframe_position: int
-    boxes: np.ndarray
 
 
 @dataclass(frozen=True)

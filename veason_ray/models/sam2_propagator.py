@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
-from veason_ray.mask_propagation import MaskPropagator
+from veason_ray.mask_propagation import MaskPropagator, checked_propagation_inputs
 
 apply_cpu_workarounds()
 
@@ -76,16 +76,6 @@ def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) ->
     }
 
 
-def check_propagation_inputs(frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> None:
-    """Raise ValueError unless frames are (T, H, W, 3) uint8, 0 <= keyframe_position < T and boxes (K, 4)."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise ValueError(f"frames must be (T, H, W, 3) uint8 with T >= 1, got {frames.shape} {frames.dtype}")
-    if not 0 <= keyframe_position < len(frames):
-        raise ValueError(f"keyframe_position {keyframe_position} is outside 0..{len(frames) - 1}")
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be (K, 4) x1,y1,x2,y2, got shape {boxes.shape}")
-
-
 def track_boxes(
     predictor: SAM2VideoPredictor,
     state: dict[str, Any],
@@ -120,12 +110,7 @@ class SAM2MaskPropagator(MaskPropagator):
 
     @torch.inference_mode()
     def propagate(self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> np.ndarray:
-        frames = np.asarray(frames)
-        keyframe_position = int(keyframe_position)
-        boxes = np.asarray(boxes, dtype=np.float32)
-        if boxes.size == 0:
-            boxes = boxes.reshape(0, 4)
-        check_propagation_inputs(frames, keyframe_position, boxes)
+        frames, keyframe_position, boxes = checked_propagation_inputs(frames, keyframe_position, boxes)
         num_frames, height, width, _ = frames.shape
         masks = np.zeros((num_frames, height, width), dtype=bool)
         if len(boxes) == 0:
