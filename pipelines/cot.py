@@ -7,7 +7,9 @@ copies), asks the teacher (`cot.teacher`: `openai` = any OpenAI-compatible endpo
 from ground truth) and appends one record per sample to `<cot.output_dir>/cot.jsonl` as soon as it is done.
 A sample that fails (bad data, request failed after its retries, unusable reply) gets a line in failures.jsonl
 with its error. A rerun skips the samples already in cot.jsonl and does the rest: samples never tried and, with
-`cot.retry_failed` (default), those whose last attempt failed. Writes dataset_info.json for LLaMA-Factory.
+`cot.retry_failed` (default), those whose last attempt failed; a rerun whose settings would change what a record
+looks like (dataset, split, frames, teacher kind, seed) is refused rather than mixed in. Writes dataset_info.json
+for LLaMA-Factory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -28,7 +31,7 @@ from veason_ray.config_loading import config_to_dict
 from veason_ray.cot.client import ChatCompletionsClient, RetryPolicy, TeacherConfigError, TeacherEndpoint
 from veason_ray.cot.jobs import FrameSpec, build_cot_job
 from veason_ray.cot.offline_teacher import OfflineTeacher
-from veason_ray.cot.output import CoTOutput
+from veason_ray.cot.output import CoTOutput, SettingsMismatchError
 from veason_ray.cot.records import make_record
 from veason_ray.cot.teacher import OpenAITeacher, Teacher, think_text
 from veason_ray.cot.teacher_prompts import choose_template, teacher_instruction
@@ -167,6 +170,19 @@ def save_run_config(cfg: VeasonConfig, output_dir: str) -> None:
     )
 
 
+def record_settings(cfg: VeasonConfig, spec: FrameSpec) -> dict[str, Any]:
+    """What shapes a record's prompt and answer: a folder's records all share it (`CoTOutput` checks)."""
+    return {
+        "dataset": cfg.data.dataset,
+        "split": cfg.cot.split or cfg.data.train_split,
+        "teacher": cfg.cot.teacher,
+        "num_frames": spec.num_frames,
+        "keyframe_top_k": spec.keyframe_top_k,
+        "frame_size": spec.frame_size,
+        "seed": spec.seed,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
@@ -176,15 +192,6 @@ def run(args: argparse.Namespace) -> int:
     output_dir = cfg.cot.output_dir or join_uri(cfg.run.output_dir, "cot")
     endpoint = resolve_endpoint(cfg)
     dataset, records = load_records(cfg)
-    output = CoTOutput(output_dir)
-    save_run_config(cfg, output_dir)
-    output.write_dataset_info()
-    usable = [r for r in records if r.type_id != TYPE_NO_TARGET]
-    keys = [sample_key(r) for r in usable]
-    pending = set(output.pending(keys, cfg.cot.retry_failed))
-    todo = [r for r, k in zip(usable, keys, strict=True) if k in pending]
-    skipped = sum(k in output.done for k in keys)
-    summary = CoTSummary(len(records), len(records) - len(usable), skipped, len(keys) - skipped - len(todo))
     spec = FrameSpec(
         num_frames=cfg.cot.num_frames,
         keyframe_top_k=cfg.data.keyframe_top_k,
@@ -195,6 +202,18 @@ def run(args: argparse.Namespace) -> int:
         video_format=cfg.data.video_format,
         video_backend=cfg.data.video_backend,
     )
+    try:
+        output = CoTOutput(output_dir, record_settings(cfg, spec))
+    except SettingsMismatchError as e:
+        raise SystemExit(f"veason cot: {e}") from None
+    save_run_config(cfg, output_dir)
+    output.write_dataset_info()
+    usable = [r for r in records if r.type_id != TYPE_NO_TARGET]
+    keys = [sample_key(r) for r in usable]
+    pending = set(output.pending(keys, cfg.cot.retry_failed))
+    todo = [r for r, k in zip(usable, keys, strict=True) if k in pending]
+    skipped = sum(k in output.done for k in keys)
+    summary = CoTSummary(len(records), len(records) - len(usable), skipped, len(keys) - skipped - len(todo))
     print(f"cot: {len(todo)} samples to do, teacher {cfg.cot.teacher}, output {output_dir}", flush=True)
 
     async def main() -> CoTSummary:

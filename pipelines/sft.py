@@ -8,12 +8,13 @@ as its reference model.
               match, mean format reward (`veason_ray.answer_parsing`, `veason_ray.rewards`)
     train     `TorchTrainer` with learner.workers ranks (`pipelines/sft_worker.py`): loss on the assistant turn
               only (the answer then <|im_end|>), token mean over the global batch; sft.epochs x
-              ceil(train / sft.batch_size) optimizer steps, seeded shuffles, sft.lr with sft.warmup_steps
+              ceil(train / sft.batch_size) optimizer steps, seeded shuffles, sft.lr with sft.warmup_steps of
+              linear warm-up then a cosine decay; the held-out NLL at every epoch's end
     export    <sft.output_dir>/hf (LoRA merged, learner.export_dtype)
     after     the same evaluation on the exported folder
 
-Writes metrics.jsonl (one row per step), loss_curve.png, sft_summary.json and config.yaml in sft.output_dir
-(a local folder) and prints the before/after table.
+Writes metrics.jsonl (one row per step), loss_curve.png, sft_summary.json (first with the "before" evaluation,
+then complete) and config.yaml in sft.output_dir (a local folder) and prints the before/after table.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def evaluate_share(
     answers = generate_answers(
         HFPolicy(model, processor), prompts, cfg.sft.eval_max_new_tokens, cfg.sft.eval_batch_size
     )
-    return score_answers(answers)
+    return score_answers(answers, [r["veason"]["frame_indices"] for r in records])
 
 
 def evaluate(model_dir: str, records: list[dict[str, Any]], root: str, cfg: VeasonConfig) -> FormatScore:
@@ -160,6 +161,9 @@ def write_curve(rows: list[dict[str, Any]], path: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train NLL / answer token")
+    held = [r for r in rows if math.isfinite(r.get("eval_loss", math.nan))]
+    if held:
+        ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "s-", label="held-out NLL")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats)")
     ax.set_yscale("log")
@@ -183,12 +187,18 @@ def write_curve(rows: list[dict[str, Any]], path: Path) -> str:
 
 
 def format_table(before: FormatScore, after: FormatScore) -> str:
-    lines = [f"{'held-out prompts':<22}{'before':>10}{'after':>10}"]
-    for name, unit in (("parse_rate", "%"), ("format_match_rate", "%"), ("format_reward_mean", "")):
+    lines = [f"{'held-out prompts':<24}{'before':>10}{'after':>10}"]
+    rows = (
+        ("parse_rate", "%"),
+        ("format_match_rate", "%"),
+        ("format_reward_mean", ""),
+        ("keyframe_in_prompt_rate", "%"),
+    )
+    for name, unit in rows:
         b, a = getattr(before, name), getattr(after, name)
         cell = (lambda v: f"{v:.1%}") if unit == "%" else (lambda v: f"{v:.3f}")
-        lines.append(f"{name:<22}{cell(b):>10}{cell(a):>10}")
-    lines.append(f"{'examples':<22}{before.examples:>10}{after.examples:>10}")
+        lines.append(f"{name:<24}{cell(b):>10}{cell(a):>10}")
+    lines.append(f"{'examples':<24}{before.examples:>10}{after.examples:>10}")
     return "\n".join(lines)
 
 
@@ -220,6 +230,13 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"sft: before: parse rate {before.parse_rate:.1%} on {before.examples} held-out prompts", flush=True
     )
+    summary: dict[str, Any] = {
+        "records": records_path(cfg),
+        "train_examples": len(train_records),
+        "held_out_examples": len(held_out),
+        "before": before.as_dict(),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")  # what is known if training dies
     result = train(cfg, model_dir, train_records, held_out, root, out)
     if result.error is not None:
         raise SystemExit(f"veason sft: training failed: {result.error}")
@@ -227,21 +244,24 @@ def run(args: argparse.Namespace) -> int:
     after = evaluate(str(export), held_out, root, cfg)
     rows = read_metrics(out)
     note = write_curve(rows, out / CURVE_FILE)
-    summary = {
-        "records": records_path(cfg),
-        "train_examples": len(train_records),
-        "held_out_examples": len(held_out),
-        "steps": len(rows),
-        "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": rows[-1]["loss"] if rows else None,
-        "before": before.as_dict(),
-        "after": after.as_dict(),
-        "export": str(export),
-        "seconds": time.perf_counter() - started,
-    }
+    held_losses = [r["eval_loss"] for r in rows if math.isfinite(r.get("eval_loss", math.nan))]
+    summary.update(
+        {
+            "steps": len(rows),
+            "first_loss": rows[0]["loss"] if rows else None,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "final_held_out_loss": held_losses[-1] if held_losses else None,
+            "after": after.as_dict(),
+            "export": str(export),
+            "seconds": time.perf_counter() - started,
+        }
+    )
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(before, after))
-    print(f"sft: {len(rows)} steps, loss {summary['first_loss']} -> {summary['final_loss']}")
+    print(
+        f"sft: {len(rows)} steps, loss {summary['first_loss']} -> {summary['final_loss']}, "
+        f"held-out loss {summary['final_held_out_loss']}"
+    )
     print(f"  export    {export} (GRPO: model.policy={export})")
     print(f"  summary   {out / SUMMARY_FILE}\n  {note}")
     return 0

@@ -1,5 +1,6 @@
-"""One Ray Train rank of `veason sft`: the DeepSpeed engine over the policy, the seeded step schedule, the
-token-mean NLL of the answers, optional parse-rate checks, and the LoRA-merged HF export at the end.
+"""One Ray Train rank of `veason sft`: the DeepSpeed engine over the policy, the seeded step schedule with its
+warm-up + cosine learning rate, the token-mean NLL of the answers, the held-out NLL at every epoch's end (training
+NLL falling while this one rises is memorisation), optional parse-rate checks, and the LoRA-merged HF export.
 
 Ray Train (`ray.train.torch.TorchTrainer`) has set up torch.distributed (NCCL on GPUs, gloo on CPU) before
 `train_loop` runs; DeepSpeed joins that group. Every rank reads the same records and schedule and takes its
@@ -32,6 +33,7 @@ from veason_ray.training.sft import (
     sft_sequence,
     step_schedule,
     summed_nll,
+    warmup_cosine,
 )
 
 
@@ -69,22 +71,33 @@ class SFTRank:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # The optimizer steps (each a list of record positions) and the lr along them: warm-up, then cosine.
+        self.schedule = step_schedule(
+            len(self.records), sft.batch_size, sft.epochs, self.cfg.run.seed, min_batch=world_size
+        )
+        warmup, total = sft.warmup_steps, len(self.schedule)
         policy = load_trainable_policy(model_dir, self.learner, self.cfg.model.attn_implementation)
-        self.engine = build_engine(policy, self.learner, on_gpu)
+        self.engine = build_engine(
+            policy, self.learner, on_gpu, lr_multiplier=lambda step: warmup_cosine(step, warmup, total)
+        )
         self.device = next(self.engine.module.parameters()).device
         # JPEG decode + image preprocessing of the next step run on this rank's CPUs while the step runs.
         self.pool = ThreadPoolExecutor(max_workers=max(2, int(self.cfg.learner.cpus_per_worker)))
+        self._held_out_sequences: list[Any] | None = None
 
-    def encode(self, positions: list[int]) -> list[Future]:
-        """The training sequences of the records at `positions`, each encoded in the background."""
+    def encode(self, positions: list[int], records: list[dict[str, Any]] | None = None) -> list[Future]:
+        """The sequences of the records (default: the training records) at `positions`, each encoded in the
+        background."""
         from transformers import AutoProcessor
+
+        records = self.records if records is None else records
 
         def work(index: int) -> Any:
             # One processor per thread: a fast tokenizer shared across threads can fail ("Already borrowed").
             processor = getattr(self._local, "processor", None)
             if processor is None:
                 processor = self._local.processor = AutoProcessor.from_pretrained(self.model_dir)
-            record = self.records[index]
+            record = records[index]
             return sft_sequence(processor, *load_sft_example(record, self.root, self.cfg.storage))
 
         return [self.pool.submit(work, i) for i in positions]
@@ -112,6 +125,7 @@ class SFTRank:
             # DeepSpeed averages gradients over ranks; the global token mean wants their sum.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             nll += float(loss.detach()) * tokens
+        lr = float(self.engine.get_lr()[0])  # this step's: the scheduler moves on inside `step`
         self.engine.step()
         (nll,) = _all_reduce([nll])
         grad_norm = self.engine.get_global_grad_norm()
@@ -120,9 +134,38 @@ class SFTRank:
             "tokens": tokens,
             "examples": examples,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": lr,
             "seconds": time.perf_counter() - start,
         }
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Teacher-forced token-mean NLL of the held-out answers (the first sft.eval_examples; all ranks
+        together); NaN when there are fewer held-out records than ranks."""
+        from veason_ray.training.policy_forward import response_logprobs
+        from veason_ray.training.sequences import collate, split_micro_batches
+
+        records = self.held_out[: self.cfg.sft.eval_examples or None]
+        if len(records) < self.world_size:
+            return float("nan")
+        if self._held_out_sequences is None:
+            mine = rank_share(range(len(records)), self.rank, self.world_size)
+            self._held_out_sequences = [f.result() for f in self.encode(mine, records)]
+        sequences = self._held_out_sequences
+        chunks = split_micro_batches(sequences, self.learner.micro_batch_size)
+        (count,) = _all_reduce([float(len(chunks))], op="max")
+        while len(chunks) < count:  # every rank runs as many forwards (ZeRO-3 gathers collectively)
+            chunks.append([empty_like(sequences[0])])
+        self.engine.module.eval()
+        nll, tokens = 0.0, 0.0
+        for chunk in chunks:
+            batch = collate(chunk, self.pad_id).to(self.device)
+            logprobs, _ = response_logprobs(self.engine, batch)
+            nll += float(summed_nll(logprobs, batch.response_mask, 1.0))
+            tokens += float(batch.response_mask.sum())
+        self.engine.module.train()
+        nll, tokens = _all_reduce([nll, tokens])
+        return nll / max(tokens, 1.0)
 
     @torch.no_grad()
     def evaluate(self) -> FormatScore:
@@ -137,11 +180,13 @@ class SFTRank:
         prompts = [load_sft_example(r, self.root, self.cfg.storage)[0] for r in mine]
         padding_side = self.processor.tokenizer.padding_side
         policy = HFPolicy(causal_lm(self.engine), self.processor)  # sets eval mode; LoRA layers stay active
-        score = score_answers(generate_answers(policy, prompts, sft.eval_max_new_tokens, sft.eval_batch_size))
+        answers = generate_answers(policy, prompts, sft.eval_max_new_tokens, sft.eval_batch_size)
+        score = score_answers(answers, [r["veason"]["frame_indices"] for r in mine])
         self.processor.tokenizer.padding_side = padding_side
         self.engine.module.train()
-        total = _all_reduce([score.examples, score.parsed, score.format_match, score.format_reward_sum])
-        return FormatScore(int(total[0]), int(total[1]), int(total[2]), total[3])
+        counts = [score.examples, score.parsed, score.format_match, score.format_reward_sum]
+        total = _all_reduce([*counts, score.keyframe_in_prompt])
+        return FormatScore(int(total[0]), int(total[1]), int(total[2]), total[3], int(total[4]))
 
     def export(self) -> Path:
         from veason_ray.training.policy_weights import export_hf_folder
@@ -192,11 +237,15 @@ def train_loop(params: dict[str, Any]) -> None:
         dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False
     )
     torch.manual_seed(cfg.run.seed + rank)
+    built = time.perf_counter()
     worker = SFTRank(params, rank, world_size, on_gpu)
+    if rank == 0:
+        print(
+            f"sft: {world_size} rank(s) ready, engine built in {time.perf_counter() - built:.0f} s",
+            flush=True,
+        )
     sft = cfg.sft
-    schedule = step_schedule(
-        len(worker.records), sft.batch_size, sft.epochs, cfg.run.seed, min_batch=world_size
-    )
+    schedule = worker.schedule
     metrics_path = worker.out_dir / METRICS_FILE
     wandb_run = _open_wandb(cfg, worker.out_dir) if rank == 0 else None
     steps_per_epoch = len(schedule) // max(sft.epochs, 1)
@@ -205,6 +254,7 @@ def train_loop(params: dict[str, Any]) -> None:
     if rank == 0 and sft.eval_every and not evaluate_every:
         print("sft: sft.eval_every is ignored under ZeRO-3 (the parse rate is measured before and after)")
     pending = worker.encode(rank_share(schedule[0], rank, world_size)) if schedule else []
+    started = time.perf_counter()
     for step in range(1, len(schedule) + 1):
         sequences = [future.result() for future in pending]
         if step < len(schedule):
@@ -214,18 +264,26 @@ def train_loop(params: dict[str, Any]) -> None:
             "epoch": (step - 1) // max(steps_per_epoch, 1),
             **worker.step(sequences),
         }
-        if evaluate_every and (step % evaluate_every == 0 or step == len(schedule)) and worker.held_out:
+        last = step == len(schedule)
+        evaluate_now = evaluate_every and (step % evaluate_every == 0 or last) and worker.held_out
+        if evaluate_now or step % max(steps_per_epoch, 1) == 0 or last:
+            row["eval_loss"] = worker.held_out_loss()
+        if evaluate_now:
             row.update({f"eval_{k}": v for k, v in worker.evaluate().as_dict().items()})
         _log(rank, metrics_path, row, wandb_run)
         if rank == 0:
-            extra = f", parse {row['eval_parse_rate']:.0%}" if "eval_parse_rate" in row else ""
+            extra = f", held-out loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
+            extra += f", parse {row['eval_parse_rate']:.0%}" if "eval_parse_rate" in row else ""
             print(
                 f"sft step {step}/{len(schedule)} epoch {row['epoch']}: loss {row['loss']:.4f}, "
                 f"grad_norm {row['grad_norm']:.3f}, lr {row['lr']:.2e}, {int(row['tokens'])} tokens, "
-                f"{row['seconds']:.2f} s{extra}",
+                f"{row['seconds']:.2f} s ({time.perf_counter() - started:.0f} s in){extra}",
                 flush=True,
             )
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)})
+        if (
+            "eval_loss" in row
+        ):  # epoch ends and the last step: Ray Train's report is a ~2 s barrier (Train V2)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)})
     worker.export()
     if wandb_run is not None:
         wandb_run.finish()

@@ -193,6 +193,19 @@ def test_offline_records_follow_the_contract_and_score_full_format(synthetic_rev
     assert _records(out) == records
 
 
+def test_a_rerun_with_other_frame_settings_is_refused_not_mixed_in(synthetic_revos: Path, tmp_path: Path):
+    # What happened on a GPU: a folder of 7-frame records silently "resumed" by a 4-frame run.
+    out = tmp_path / "cot"
+    args = ["cot", f"data.root={synthetic_revos}", "cot.teacher=offline", f"cot.output_dir={out}"]
+    assert veason([*args, "cot.num_frames=3", "cot.max_samples=4"]) == 0
+    records = _records(out)
+    with pytest.raises(SystemExit, match=r"num_frames: 3 there, 4 now"):
+        veason([*args, "cot.num_frames=4"])
+    assert _records(out) == records
+    assert veason([*args, "cot.num_frames=3"]) == 0  # the same settings resume
+    assert all(len(r["veason"]["frame_indices"]) == 3 for r in _records(out))
+
+
 def test_bad_samples_are_recorded_and_a_rerun_completes_only_them(
     synthetic_revos: Path, tmp_path: Path, capsys
 ):

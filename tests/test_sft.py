@@ -25,13 +25,16 @@ for _key, _value in {
 from pipelines.cli import main as veason  # noqa: E402
 from veason_ray.config import LearnerConfig, LoRAConfig  # noqa: E402
 from veason_ray.cot.records import load_sft_example, read_jsonl  # noqa: E402
+from veason_ray.prompts import render_answer  # noqa: E402
 from veason_ray.training.sequences import collate  # noqa: E402
 from veason_ray.training.sft import (  # noqa: E402
     rank_share,
+    score_answers,
     sft_sequence,
     split_held_out,
     step_schedule,
     summed_nll,
+    warmup_cosine,
 )
 
 STEPS = 4  # sft.epochs=2 x (8 training records / sft.batch_size=4)
@@ -154,6 +157,27 @@ def test_split_schedule_and_loss_normalisation():
     assert parts.item() == pytest.approx(3.0)
 
 
+def test_warmup_then_cosine_decay():
+    factors = [warmup_cosine(step, 4, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up, peak on the warm-up's last step
+    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5)  # half-way through the decay
+    assert all(a > b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert 0 < factors[-1] < 0.01  # near zero on the last step, never negative
+    assert warmup_cosine(0, 0, 10) == 1.0 and warmup_cosine(30, 4, 20) == 0.0
+
+
+def test_format_score_counts_keyframes_among_the_prompt_frames():
+    shown = render_answer("at 5s", 5, [[0, 0, 10, 10]])
+    unseen = render_answer("at 7s", 7, [[0, 0, 10, 10]])  # parses, but 7 was not a prompt frame
+    broken = '<think>x</think>\n<answer>{"keyframe_timestamp": 5, "bbox_2d_list": [[3.0.0]]}</answer>'
+    score = score_answers([shown, unseen, broken], [[0, 5, 10], [0, 5, 10], [5]])
+    assert (score.parsed, score.format_match, score.keyframe_in_prompt) == (2, 3, 1)
+    assert score.failures == {"invalid_json": 1}
+    assert score.keyframe_in_prompt_rate == pytest.approx(1 / 3)
+    assert (score + score).keyframe_in_prompt == 2
+    assert score_answers([shown]).keyframe_in_prompt == 0  # without the frames nothing is counted
+
+
 def test_lora_export_is_base_plus_delta(tiny_model: Path, tmp_path: Path):
     from veason_ray.training.deepspeed_engine import load_trainable_policy
     from veason_ray.training.policy_weights import export_hf_folder
@@ -185,9 +209,15 @@ def test_sft_loss_falls_and_the_export_is_a_trained_model(sft_run: Path, tiny_mo
     assert [r["step"] for r in rows if "eval_parse_rate" in r] == [2, 4]
     assert all(r["eval_examples"] == 2 for r in rows if "eval_examples" in r)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    # the held-out NLL at each epoch's end; the lr decays along the cosine from sft.lr (no warm-up)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert all(0 < r["eval_loss"] < rows[0]["loss"] + 1 for r in rows if "eval_loss" in r)
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * warmup_cosine(i, 0, STEPS) for i in range(STEPS)])
     summary = json.loads((sft_run / "sft_summary.json").read_text())
+    assert summary["final_held_out_loss"] == rows[-1]["eval_loss"]
     assert summary["train_examples"] == 8 and summary["held_out_examples"] == 2
     assert summary["before"]["examples"] == summary["after"]["examples"] == 2
+    assert 0 <= summary["after"]["keyframe_in_prompt_rate"] <= summary["after"]["parse_rate"]
     for score in (summary["before"], summary["after"]):  # every answer either parses or has its reason
         assert score["parse_rate"] * 2 + sum(score["failures"].values()) == pytest.approx(2)
         assert len(score["samples"]) == 2

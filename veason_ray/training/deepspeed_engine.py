@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -136,9 +137,12 @@ def constant_with_warmup(
     )
 
 
-def build_engine(model: Any, cfg: LearnerConfig, on_gpu: bool) -> Any:
-    """`deepspeed.initialize` of `model` (wrapped in a ResponseScorer) with the optimizer and scheduler
-    above; torch.distributed must be initialised (`deepspeed.init_distributed`)."""
+def build_engine(
+    model: Any, cfg: LearnerConfig, on_gpu: bool, lr_multiplier: Callable[[int], float] | None = None
+) -> Any:
+    """`deepspeed.initialize` of `model` (wrapped in a ResponseScorer) with the optimizer above and a LambdaLR
+    of `lr_multiplier` (optimizer step -> factor of cfg.lr; default `constant_with_warmup`'s);
+    torch.distributed must be initialised (`deepspeed.init_distributed`)."""
     import deepspeed
 
     from veason_ray.training.policy_forward import ResponseScorer
@@ -151,7 +155,11 @@ def build_engine(model: Any, cfg: LearnerConfig, on_gpu: bool) -> Any:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=constant_with_warmup(optimizer, cfg.warmup_steps),
+        lr_scheduler=(
+            constant_with_warmup(optimizer, cfg.warmup_steps)
+            if lr_multiplier is None
+            else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+        ),
         config=deepspeed_config(cfg, on_gpu),
     )
     return engine

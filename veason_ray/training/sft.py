@@ -1,5 +1,5 @@
 """CoT-SFT pieces on plain data: the training sequence of a record, the held-out split, the step schedule, the
-loss and the answer-format evaluation. `pipelines/sft.py` runs them on Ray Train ranks.
+learning-rate schedule, the loss and the answer-format evaluation. `pipelines/sft.py` runs them on Ray Train ranks.
 
 The sequence: the prompt is `encode_prompt` of the record's messages (the rollout engine's chat template and
 image preprocessing); the response is the assistant answer's tokens followed by `<|im_end|>`. The chat
@@ -7,12 +7,17 @@ template writes `<|im_end|>\\n` after an assistant turn, but generation stops at
 newline is never predicted at inference and is left out: the response is exactly what a rollout of a perfect
 policy samples, and the model learns to stop.
 
+The learning rate warms up linearly, then decays along a cosine towards zero at the last step (LLaMA-Factory's default
+for SFT). A constant rate leaves a small model on a plateau where greedy decoding still slips (a second decimal
+point in a number, a repeated phrase); the decay settles it.
+
 The loss is the token mean over the global batch: the summed NLL of all answer tokens of all ranks divided by
 their count, so every answer token weighs the same whatever the split into ranks and micro-batches.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -86,6 +91,16 @@ def step_schedule(
     return steps
 
 
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The lr multiplier of optimizer step `step` (0-based) of `total_steps`: (step + 1) / warmup_steps during
+    the warm-up, then 0.5 * (1 + cos(pi * progress)) with progress going from 0 (first step after the warm-up)
+    towards 1 (step `total_steps`, one past the last)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def rank_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
     """This rank's examples of a global batch (round robin, so shares differ by at most one)."""
     return list(batch[rank::world_size])
@@ -99,12 +114,15 @@ def summed_nll(logprobs: torch.Tensor, mask: torch.Tensor, normalizer: float) ->
 @dataclass
 class FormatScore:
     """Answer-format statistics of generated answers: parse_rate (share that `parse_answer` accepts),
-    format_match_rate (share whose whole text matches the tag regex), format_reward_mean (in [0, 2])."""
+    format_match_rate (share whose whole text matches the tag regex), format_reward_mean (in [0, 2]) and
+    keyframe_in_prompt_rate (share that parses with a keyframe among its prompt's frame indices: the model reads
+    the timestamps it was shown; any other keyframe scores 0 on keyframe, spatial and consistency)."""
 
     examples: int
     parsed: int
     format_match: int
     format_reward_sum: float
+    keyframe_in_prompt: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # ParseFailureReason value -> count
     samples: list[str] = field(default_factory=list)  # the first few answers, for a look at what went wrong
 
@@ -120,12 +138,17 @@ class FormatScore:
     def format_reward_mean(self) -> float:
         return self.format_reward_sum / self.examples if self.examples else 0.0
 
+    @property
+    def keyframe_in_prompt_rate(self) -> float:
+        return self.keyframe_in_prompt / self.examples if self.examples else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {
             "examples": self.examples,
             "parse_rate": self.parse_rate,
             "format_match_rate": self.format_match_rate,
             "format_reward_mean": self.format_reward_mean,
+            "keyframe_in_prompt_rate": self.keyframe_in_prompt_rate,
             "failures": dict(self.failures),
             "samples": list(self.samples),
         }
@@ -136,19 +159,28 @@ class FormatScore:
             self.parsed + other.parsed,
             self.format_match + other.format_match,
             self.format_reward_sum + other.format_reward_sum,
+            self.keyframe_in_prompt + other.keyframe_in_prompt,
             dict(Counter(self.failures) + Counter(other.failures)),
             (self.samples + other.samples)[:SAMPLES_KEPT],
         )
 
 
-def score_answers(answers: Sequence[str]) -> FormatScore:
-    """The format statistics of decoded answers."""
+def score_answers(
+    answers: Sequence[str], frame_indices: Sequence[Sequence[int]] | None = None
+) -> FormatScore:
+    """The format statistics of decoded answers; `frame_indices`: each answer's prompt frames (for
+    keyframe_in_prompt; 0 without them)."""
     parsed = [parse_answer(a) for a in answers]
+    shown = frame_indices if frame_indices is not None else [()] * len(answers)
     return FormatScore(
         examples=len(answers),
         parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
         format_match=sum(p.format_match for p in parsed),
         format_reward_sum=sum(format_reward(p) for p in parsed),
+        keyframe_in_prompt=sum(
+            isinstance(p, ParsedAnswer) and p.keyframe in frames
+            for p, frames in zip(parsed, shown, strict=True)
+        ),
         failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
         samples=list(answers[:SAMPLES_KEPT]),
     )
