@@ -75,6 +75,7 @@ class RolloutPool:
         self.asleep = False
         self.restarts = 0
         self.restart_seconds: list[float] = []
+        self.last_restart: dict[str, float] = {}
         gpus = cfg.gpus_per_engine * cfg.tensor_parallel_size
         quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
         self._actor_cls = ray.remote(
@@ -165,9 +166,11 @@ class RolloutPool:
         overwrites every weight anyway."""
         start = time.perf_counter()
         self._stop([self.engines[engine]])
+        stopped = time.perf_counter()
         resync = self.sender is not None and self.version > 0
         self.engines[engine] = self._spawn(engine, load_checkpoint=not resync)
         self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
+        ready = time.perf_counter()
         if resync and self.sender.replay([self.engines[engine]], self.engines) is None:
             raise RuntimeError(  # never serve a dummy-initialised engine
                 f"rollout engine {engine} restarted without its checkpoint, but the weight sender had nothing "
@@ -176,6 +179,11 @@ class RolloutPool:
         if self.asleep:
             ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
         seconds = time.perf_counter() - start
+        self.last_restart = {  # where a restart's seconds went (the new engine's own start: engine_info)
+            "stop": stopped - start,
+            "start": ready - stopped,
+            "resync": time.perf_counter() - ready,
+        }
         self.restarts += 1
         self.restart_seconds.append(seconds)
         return seconds

@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import ray
@@ -52,6 +52,7 @@ class SyncReport:
     nbytes: int
     buckets: int
     engines: int
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the transport knows
 
 
 class WeightTransport(ABC):
@@ -67,9 +68,11 @@ class WeightTransport(ABC):
     def push(self, engines: Sequence[Any], source: WeightSource, version: int) -> SyncReport:
         """Send `source` to every engine as weight `version`; blocks until all engines have loaded it."""
         start = time.perf_counter()
+        self.phases: dict[str, float] = {}
         nbytes, buckets = self._send(engines, source, version)
         self.source, self.version = source, version
-        return SyncReport(self.kind, version, time.perf_counter() - start, nbytes, buckets, len(engines))
+        seconds = time.perf_counter() - start
+        return SyncReport(self.kind, version, seconds, nbytes, buckets, len(engines), dict(self.phases))
 
     def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
         """Re-send the latest weights to `engines` (restarted ones); `all_engines` is the whole pool now.
@@ -136,13 +139,26 @@ class IPCTransport(WeightTransport):
     def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
         if not torch.cuda.is_available():
             raise RuntimeError("IPCTransport needs CUDA in the learner process (use ReloadTransport on CPU)")
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.phases[phase] = self.phases.get(phase, 0.0) + now - clock
+            clock = now
+
         fresh = [e for e in engines if e._actor_id.hex() not in self._initialised]
         ray.get([e.init_native_transfer.remote({"packed": True}) for e in fresh])
         self._initialised.update(e._actor_id.hex() for e in fresh)
+        lap("init")
         ray.get([e.start_native_update.remote() for e in engines])
+        lap("start")
         nbytes, buckets = self._send_pipelined(engines, source, version)
+        lap("buckets")
         ray.get([e.finish_native_update.remote(version) for e in engines])
+        lap("finish")  # vLLM's finish_weight_update, then our cache resets
         torch.cuda.empty_cache()  # the ring's memory goes back to the GPU: engines wake their KV cache next
+        lap("free")
         return nbytes, buckets
 
     def _send_pipelined(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
@@ -156,8 +172,15 @@ class IPCTransport(WeightTransport):
         # must live until the engines returned too
         in_flight: deque[tuple[WeightBucket, list[ray.ObjectRef]]] = deque()
         nbytes = buckets = 0
-        for bucket in pack_buckets(_on_device(source(), device), self.bucket_bytes, version, ring):
+        packing, waiting = 0.0, 0.0  # seconds packing (copies included) and blocked on the engines
+        packed = pack_buckets(_on_device(source(), device), self.bucket_bytes, version, ring)
+        while True:
+            clock = time.perf_counter()
+            bucket = next(packed, None)
+            if bucket is None:
+                break
             torch.cuda.synchronize(device)  # the buffer must be complete before another process reads it
+            packing += time.perf_counter() - clock
             info = {
                 "names": bucket.names,
                 "dtype_names": bucket.dtype_names,
@@ -169,8 +192,12 @@ class IPCTransport(WeightTransport):
             nbytes += bucket.nbytes
             buckets += 1
             if len(in_flight) == len(ring):
+                clock = time.perf_counter()
                 ray.get(in_flight.popleft()[1])  # frees the ring slot the next bucket is packed into
+                waiting += time.perf_counter() - clock
+        clock = time.perf_counter()
         ray.get([ref for _, refs in in_flight for ref in refs])
+        self.phases.update(pack=packing, wait=waiting + time.perf_counter() - clock)
         return nbytes, buckets
 
 

@@ -297,6 +297,57 @@ def pool_pass(pool, groups: list[PromptGroup], label: str, table: Table, n: int)
     return seconds, rate
 
 
+def sync_phase_row(table: Table, report) -> None:
+    """Where one push's seconds went, when the transport reports it (IPC: init, start, pack, wait, finish)."""
+    if report.phases:
+        table.add(
+            f"  of it: {' / '.join(report.phases)} s", " / ".join(f"{v:.3f}" for v in report.phases.values())
+        )
+
+
+def restart_rows(pool, table: Table) -> None:
+    """The last restart split: old engine stopped, new one started (and how it loaded), weights replayed."""
+    split, info = pool.last_restart, pool.engine_info[0]
+    table.add(
+        f"  of it: stop / start ({info['weights']}; engine's own start {info['start_seconds']:.1f}) / re-sync s",
+        f"{split['stop']:.1f} / {split['start']:.1f} / {split['resync']:.2f}",
+    )
+
+
+def sync_and_restart(pool, args: argparse.Namespace, table: Table, groups: list[PromptGroup]) -> None:
+    """`--sync-only`: pushes of the full model at each `--sync-bucket-mb` size (`--sync-pushes` each, after one
+    push that initialises the transfer), their phase split, then a restart and a short generate on it."""
+    from actors.weight_sync import make_transport
+
+    weights = checkpoint_weights(Path(args.model), "cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [float(mb) for mb in args.sync_bucket_mb.split(",")]
+    transport = make_transport("auto", int(sizes[0] * 2**20))
+    report = pool.update_weights(transport, lambda: weights)
+    table.add(
+        f"weight sync, first push (transfer init incl.; {sizes[0]:g} MiB buckets) s", f"{report.seconds:.2f}"
+    )
+    for mb in sizes:
+        transport.bucket_bytes = int(mb * 2**20)
+        seconds = []
+        for _ in range(args.sync_pushes):
+            report = pool.update_weights(transport, lambda: weights)
+            seconds.append(report.seconds)
+        table.add(
+            f"weight sync over {report.transport}, {report.nbytes / 2**30:.2f} GiB in {report.buckets} x {mb:g} MiB "
+            f"buckets: best / median of {len(seconds)} s",
+            f"{min(seconds):.3f} / {sorted(seconds)[len(seconds) // 2]:.3f}",
+        )
+        sync_phase_row(table, report)
+    table.add("engine restart incl. re-sync s", f"{pool.restart(0):.1f}")
+    restart_rows(pool, table)
+    start = time.perf_counter()
+    out = pool.generate(groups[:2], WARM_UP)
+    table.add(
+        "restarted engine: 2 prompts x n, 16 tokens s",
+        f"{time.perf_counter() - start:.2f} ({sum(len(r.token_ids) for g in out for r in g)} tokens)",
+    )
+
+
 def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) -> float:
     """Steps 2-5; returns the pool's output tokens/s."""
     import ray
@@ -315,6 +366,9 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
         cache = "compile cache of the bare engine" if bare_rate else "the call's first engine"
         table.add(f"our pool: engine start s (engine core {info['engine_core']}, {cache})",
                   f"{max(i['start_seconds'] for i in pool.engine_info):.1f}")  # fmt: skip
+        if args.sync_only:
+            sync_and_restart(pool, args, table, groups)
+            return 0.0
         pool.generate(groups, WARM_UP)
         seconds, rate = pool_pass(pool, groups, label, table, args.n)
         if bare_rate:
@@ -328,7 +382,9 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
             report = pool.update_weights(transport, lambda: weights)
             table.add(f"weight sync over {report.transport} ({push}; {report.nbytes / 2**30:.2f} GiB, "
                       f"{report.buckets} buckets) s", f"{report.seconds:.2f}")  # fmt: skip
+            sync_phase_row(table, report)
         table.add("engine restart incl. re-sync s", f"{pool.restart(0):.1f}")
+        restart_rows(pool, table)
         if args.skip_prefill_ab or table.left() < 1.5 * seconds + 30:
             table.log("prefill-first flipped: skipped (--skip-prefill-ab or --budget-s)")
         else:
@@ -405,6 +461,13 @@ def parse_args() -> argparse.Namespace:
     add("--bare-passes", type=int, default=2, help="bare vLLM passes, 1-3 (0: no bare vLLM)")
     add("--bare-timeout-s", type=float, default=300)
     add("--skip-prefill-ab", action="store_true", help="no pool pass with prefill-first flipped")
+    add(
+        "--sync-only",
+        action="store_true",
+        help="our pool's weight sync and restart only (no generate passes)",
+    )
+    add("--sync-bucket-mb", default="256,512,1024", help="--sync-only: bucket sizes to push, comma-separated")
+    add("--sync-pushes", type=int, default=3, help="--sync-only: timed pushes per bucket size")
     add("--hf-prompts", type=int, default=2, help="prompts HF generate runs (0: skip HF)")
     add("--hf-max-new-tokens", type=int, default=128)
     add("--budget-s", type=float, default=520, help="optional steps run only while this wall budget allows")
@@ -433,7 +496,10 @@ def main() -> None:
             args.model = str(write_random_3b(work / "random_3b"))
     model_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     if on_gpu and not args.gpu_memory_utilization:
-        args.gpu_memory_utilization = engine_memory_fraction(model_bytes, int(args.bucket_mb * 2**20))
+        largest = max(
+            [args.bucket_mb] + [float(mb) for mb in args.sync_bucket_mb.split(",")] * args.sync_only
+        )
+        args.gpu_memory_utilization = engine_memory_fraction(model_bytes, int(largest * 2**20))
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     title = (f"rollout benchmark on {device}: {args.prompts} prompts x {args.frames} frames at {args.size} px, "
              f"n={args.n}, up to {args.max_new_tokens} new tokens, {args.engines} engine(s), "
@@ -443,7 +509,7 @@ def main() -> None:
         hf_rate = hf_generate(args, table) if args.hf_prompts > 0 else None
         bare_rate = run_bare(args, table, work) if args.bare_passes > 0 else None
         rate = run_pool(args, table, bare_rate)
-        if hf_rate:
+        if hf_rate and rate:
             table.add("ratio our pool / HF output tokens/s", f"{rate / hf_rate:.1f}x")
     finally:
         table.print(title)

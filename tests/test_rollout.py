@@ -277,7 +277,12 @@ def test_live_engine_restart_closes_vllm_and_serves_the_same_weights(pool):
     """A restart of a live engine (the benchmark's, a driver's) shuts its vLLM down before the actor dies, so a
     separate engine-core process has given its memory back before the replacement starts."""
     expected, old_pid = pool.weight_checksums()[0], ray.get(pool.engines[0].ready.remote())["pid"]
-    assert pool.restart(0) > 0
+    seconds = pool.restart(0)
+    assert seconds > 0
+    split = pool.last_restart  # where the seconds went: old engine stopped, new one started, weights replayed
+    assert set(split) == {"stop", "start", "resync"} and sum(split.values()) == pytest.approx(
+        seconds, abs=0.5
+    )
     assert ray.get(pool.engines[0].ready.remote())["pid"] != old_pid
     assert pool.weight_checksums()[0].matches(expected)
     assert [len(r) for r in pool.generate(groups(2))] == [4, 4]

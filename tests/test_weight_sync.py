@@ -111,5 +111,8 @@ def test_gpu_transport_syncs_engine_to_learner_checksum(kind, tmp_path):
         report = pool.update_weights(make_transport(kind, 1 << 20), lambda: state.items())
         assert report.version == 1
         assert pool.weight_checksums()[0].matches(checksum_weights(state.items()))
+        if kind == "ipc":  # where the push's seconds went (benchmarks/rollout.py prints them)
+            assert {"init", "start", "pack", "wait", "buckets", "finish", "free"} <= set(report.phases)
+            assert sum(v for k, v in report.phases.items() if k not in ("pack", "wait")) <= report.seconds
     finally:
         ray.shutdown()
