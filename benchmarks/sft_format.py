@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sft_format: parse rate {before['parse_rate']:.1%} -> {after['parse_rate']:.1%} "
         f"(goal >= {GOAL:.0%}: {'met' if result['goal_met'] else 'NOT met'}), format reward "
         f"{before['format_reward_mean']:.3f} -> {after['format_reward_mean']:.3f} on {after['examples']} held-out "
-        f"prompts; loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} (held-out "
+        f"prompts; grounding: teacher's keyframe {after.get('teacher_keyframe_rate', 0):.1%}, box IoU there "
+        f"{after.get('teacher_box_iou_mean', 0):.3f}; loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} (held-out "
         f"{'n/a' if held is None else f'{held:.3f}'}) in {summary['steps']} steps; {result['wall_seconds']:.0f} s; "
         f"exported {summary['export']}"
     )

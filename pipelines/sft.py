@@ -94,7 +94,7 @@ def evaluate_share(
     answers = generate_answers(
         HFPolicy(model, processor), prompts, cfg.sft.eval_max_new_tokens, cfg.sft.eval_batch_size
     )
-    return score_answers(answers, [r["veason"]["frame_indices"] for r in records])
+    return score_answers(answers, [r["veason"] for r in records])
 
 
 def evaluate(model_dir: str, records: list[dict[str, Any]], root: str, cfg: VeasonConfig) -> FormatScore:
@@ -193,6 +193,8 @@ def format_table(before: FormatScore, after: FormatScore) -> str:
         ("format_match_rate", "%"),
         ("format_reward_mean", ""),
         ("keyframe_in_prompt_rate", "%"),
+        ("teacher_keyframe_rate", "%"),
+        ("teacher_box_iou_mean", ""),
     )
     for name, unit in rows:
         b, a = getattr(before, name), getattr(after, name)

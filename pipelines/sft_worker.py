@@ -181,12 +181,10 @@ class SFTRank:
         padding_side = self.processor.tokenizer.padding_side
         policy = HFPolicy(causal_lm(self.engine), self.processor)  # sets eval mode; LoRA layers stay active
         answers = generate_answers(policy, prompts, sft.eval_max_new_tokens, sft.eval_batch_size)
-        score = score_answers(answers, [r["veason"]["frame_indices"] for r in mine])
+        score = score_answers(answers, [r["veason"] for r in mine])
         self.processor.tokenizer.padding_side = padding_side
         self.engine.module.train()
-        counts = [score.examples, score.parsed, score.format_match, score.format_reward_sum]
-        total = _all_reduce([*counts, score.keyframe_in_prompt])
-        return FormatScore(int(total[0]), int(total[1]), int(total[2]), total[3], int(total[4]))
+        return FormatScore.from_counts(_all_reduce(score.counts()))
 
     def export(self) -> Path:
         from veason_ray.training.policy_weights import export_hf_folder

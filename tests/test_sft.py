@@ -23,6 +23,7 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 from pipelines.cli import main as veason  # noqa: E402
+from veason_ray.answer_parsing import parse_answer  # noqa: E402
 from veason_ray.config import LearnerConfig, LoRAConfig  # noqa: E402
 from veason_ray.cot.records import load_sft_example, read_jsonl  # noqa: E402
 from veason_ray.prompts import render_answer  # noqa: E402
@@ -34,6 +35,7 @@ from veason_ray.training.sft import (  # noqa: E402
     split_held_out,
     step_schedule,
     summed_nll,
+    teacher_box_iou,
     warmup_cosine,
 )
 
@@ -170,12 +172,26 @@ def test_format_score_counts_keyframes_among_the_prompt_frames():
     shown = render_answer("at 5s", 5, [[0, 0, 10, 10]])
     unseen = render_answer("at 7s", 7, [[0, 0, 10, 10]])  # parses, but 7 was not a prompt frame
     broken = '<think>x</think>\n<answer>{"keyframe_timestamp": 5, "bbox_2d_list": [[3.0.0]]}</answer>'
-    score = score_answers([shown, unseen, broken], [[0, 5, 10], [0, 5, 10], [5]])
+    teacher = {"frame_indices": [0, 5, 10], "keyframe": 5, "boxes_560": [[0, 0, 10, 10]]}
+    references = [teacher, teacher, {"frame_indices": [5], "keyframe": 5, "boxes_560": [[0, 0, 10, 10]]}]
+    score = score_answers([shown, unseen, broken], references)
     assert (score.parsed, score.format_match, score.keyframe_in_prompt) == (2, 3, 1)
     assert score.failures == {"invalid_json": 1}
     assert score.keyframe_in_prompt_rate == pytest.approx(1 / 3)
+    # grounding against the teacher: only `shown` chose its keyframe, with its very box
+    assert (score.teacher_keyframe, score.teacher_box_iou_sum) == (1, pytest.approx(1.0))
     assert (score + score).keyframe_in_prompt == 2
-    assert score_answers([shown]).keyframe_in_prompt == 0  # without the frames nothing is counted
+    assert (score + score).teacher_box_iou_mean == pytest.approx(1 / 3)
+    assert score_answers([shown]).keyframe_in_prompt == 0  # without the references nothing is counted
+
+
+def test_teacher_box_iou_is_the_spatial_reward_at_the_teachers_keyframe():
+    teacher = {"frame_indices": [0, 5], "keyframe": 5, "boxes_560": [[0, 0, 9, 9], [20, 20, 29, 29]]}
+    half = render_answer("at 5s", 5, [[0, 0, 9, 9]])  # one of two targets, exactly
+    elsewhere = render_answer("at 0s", 0, [[0, 0, 9, 9], [20, 20, 29, 29]])  # right boxes, other frame
+    assert teacher_box_iou(parse_answer(half), teacher) == pytest.approx(0.5)
+    assert teacher_box_iou(parse_answer(elsewhere), teacher) == 0.0
+    assert teacher_box_iou(parse_answer("no answer"), teacher) == 0.0
 
 
 def test_lora_export_is_base_plus_delta(tiny_model: Path, tmp_path: Path):

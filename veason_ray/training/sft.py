@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from veason_ray.answer_parsing import ParsedAnswer, ParseFailure, parse_answer
-from veason_ray.rewards import format_reward
+from veason_ray.rewards import format_reward, spatial_reward
 from veason_ray.training.sequences import PolicySequence, encode_prompt
 
 END_OF_TURN = "<|im_end|>"
@@ -116,13 +117,20 @@ class FormatScore:
     """Answer-format statistics of generated answers: parse_rate (share that `parse_answer` accepts),
     format_match_rate (share whose whole text matches the tag regex), format_reward_mean (in [0, 2]) and
     keyframe_in_prompt_rate (share that parses with a keyframe among its prompt's frame indices: the model reads
-    the timestamps it was shown; any other keyframe scores 0 on keyframe, spatial and consistency)."""
+    the timestamps it was shown; any other keyframe scores 0 on keyframe, spatial and consistency).
+
+    Grounding, against the teacher's answer in the record: teacher_keyframe_rate (share choosing the teacher's
+    keyframe) and teacher_box_iou_mean (the spatial reward's Hungarian-matched IoU of the answer's boxes to the
+    teacher's, counted only when the keyframe is the teacher's, 0 otherwise): whether the model looks where
+    the targets are, which the format alone does not say."""
 
     examples: int
     parsed: int
     format_match: int
     format_reward_sum: float
     keyframe_in_prompt: int = 0
+    teacher_keyframe: int = 0
+    teacher_box_iou_sum: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)  # ParseFailureReason value -> count
     samples: list[str] = field(default_factory=list)  # the first few answers, for a look at what went wrong
 
@@ -142,6 +150,31 @@ class FormatScore:
     def keyframe_in_prompt_rate(self) -> float:
         return self.keyframe_in_prompt / self.examples if self.examples else 0.0
 
+    @property
+    def teacher_keyframe_rate(self) -> float:
+        return self.teacher_keyframe / self.examples if self.examples else 0.0
+
+    @property
+    def teacher_box_iou_mean(self) -> float:
+        return self.teacher_box_iou_sum / self.examples if self.examples else 0.0
+
+    def counts(self) -> list[float]:
+        """The summable fields in constructor order (what ranks all-reduce); `from_counts` inverts it."""
+        return [
+            self.examples,
+            self.parsed,
+            self.format_match,
+            self.format_reward_sum,
+            self.keyframe_in_prompt,
+            self.teacher_keyframe,
+            self.teacher_box_iou_sum,
+        ]
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[float]) -> FormatScore:
+        e, p, m, reward, shown, teacher, iou = counts
+        return cls(int(e), int(p), int(m), float(reward), int(shown), int(teacher), float(iou))
+
     def as_dict(self) -> dict[str, float]:
         return {
             "examples": self.examples,
@@ -149,41 +182,51 @@ class FormatScore:
             "format_match_rate": self.format_match_rate,
             "format_reward_mean": self.format_reward_mean,
             "keyframe_in_prompt_rate": self.keyframe_in_prompt_rate,
+            "teacher_keyframe_rate": self.teacher_keyframe_rate,
+            "teacher_box_iou_mean": self.teacher_box_iou_mean,
             "failures": dict(self.failures),
             "samples": list(self.samples),
         }
 
     def __add__(self, other: FormatScore) -> FormatScore:
-        return FormatScore(
-            self.examples + other.examples,
-            self.parsed + other.parsed,
-            self.format_match + other.format_match,
-            self.format_reward_sum + other.format_reward_sum,
-            self.keyframe_in_prompt + other.keyframe_in_prompt,
-            dict(Counter(self.failures) + Counter(other.failures)),
-            (self.samples + other.samples)[:SAMPLES_KEPT],
-        )
+        summed = FormatScore.from_counts([a + b for a, b in zip(self.counts(), other.counts(), strict=True)])
+        summed.failures = dict(Counter(self.failures) + Counter(other.failures))
+        summed.samples = (self.samples + other.samples)[:SAMPLES_KEPT]
+        return summed
 
 
-def score_answers(
-    answers: Sequence[str], frame_indices: Sequence[Sequence[int]] | None = None
-) -> FormatScore:
-    """The format statistics of decoded answers; `frame_indices`: each answer's prompt frames (for
-    keyframe_in_prompt; 0 without them)."""
+def teacher_box_iou(answer: ParsedAnswer | ParseFailure, reference: dict[str, Any]) -> float:
+    """The spatial reward of `answer`'s boxes against the teacher's (`reference`: a record's "veason" block with
+    keyframe and boxes_560) when it chose the teacher's keyframe; 0 otherwise."""
+    if not isinstance(answer, ParsedAnswer) or answer.keyframe != int(reference["keyframe"]):
+        return 0.0
+    teacher = np.asarray(reference["boxes_560"], dtype=np.float64).reshape(-1, 4)
+    return spatial_reward(answer.boxes, teacher, answer.considered_entries).reward
+
+
+def score_answers(answers: Sequence[str], references: Sequence[dict[str, Any]] | None = None) -> FormatScore:
+    """The format statistics of decoded answers; `references`: each answer's record "veason" block
+    (frame_indices, keyframe, boxes_560) for the keyframe and grounding counts (0 without them)."""
     parsed = [parse_answer(a) for a in answers]
-    shown = frame_indices if frame_indices is not None else [()] * len(answers)
-    return FormatScore(
-        examples=len(answers),
-        parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
-        format_match=sum(p.format_match for p in parsed),
-        format_reward_sum=sum(format_reward(p) for p in parsed),
-        keyframe_in_prompt=sum(
-            isinstance(p, ParsedAnswer) and p.keyframe in frames
-            for p, frames in zip(parsed, shown, strict=True)
-        ),
-        failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
-        samples=list(answers[:SAMPLES_KEPT]),
+    if references is None:
+        return FormatScore(
+            examples=len(answers),
+            parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
+            format_match=sum(p.format_match for p in parsed),
+            format_reward_sum=sum(format_reward(p) for p in parsed),
+            failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
+            samples=list(answers[:SAMPLES_KEPT]),
+        )
+    pairs = list(zip(parsed, references, strict=True))
+    score = score_answers(answers)
+    score.keyframe_in_prompt = sum(
+        isinstance(p, ParsedAnswer) and p.keyframe in ref["frame_indices"] for p, ref in pairs
     )
+    score.teacher_keyframe = sum(
+        isinstance(p, ParsedAnswer) and p.keyframe == ref["keyframe"] for p, ref in pairs
+    )
+    score.teacher_box_iou_sum = sum(teacher_box_iou(p, ref) for p, ref in pairs)
+    return score
 
 
 def generate_answers(
