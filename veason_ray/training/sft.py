@@ -208,17 +208,17 @@ def score_answers(answers: Sequence[str], references: Sequence[dict[str, Any]] |
     """The format statistics of decoded answers; `references`: each answer's record "veason" block
     (frame_indices, keyframe, boxes_560) for the keyframe and grounding counts (0 without them)."""
     parsed = [parse_answer(a) for a in answers]
+    score = FormatScore(
+        examples=len(answers),
+        parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
+        format_match=sum(p.format_match for p in parsed),
+        format_reward_sum=sum(format_reward(p) for p in parsed),
+        failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
+        samples=list(answers[:SAMPLES_KEPT]),
+    )
     if references is None:
-        return FormatScore(
-            examples=len(answers),
-            parsed=sum(isinstance(p, ParsedAnswer) for p in parsed),
-            format_match=sum(p.format_match for p in parsed),
-            format_reward_sum=sum(format_reward(p) for p in parsed),
-            failures=dict(Counter(p.reason.value for p in parsed if isinstance(p, ParseFailure))),
-            samples=list(answers[:SAMPLES_KEPT]),
-        )
+        return score
     pairs = list(zip(parsed, references, strict=True))
-    score = score_answers(answers)
     score.keyframe_in_prompt = sum(
         isinstance(p, ParsedAnswer) and p.keyframe in ref["frame_indices"] for p, ref in pairs
     )
