@@ -64,11 +64,12 @@ class WeightTransport(ABC):
         self.bucket_bytes = int(bucket_bytes)
         self.source: WeightSource | None = None
         self.version = 0
+        self.phases: dict[str, float] = {}  # the current push's seconds per phase (transports that time them)
 
     def push(self, engines: Sequence[Any], source: WeightSource, version: int) -> SyncReport:
         """Send `source` to every engine as weight `version`; blocks until all engines have loaded it."""
         start = time.perf_counter()
-        self.phases: dict[str, float] = {}
+        self.phases = {}
         nbytes, buckets = self._send(engines, source, version)
         self.source, self.version = source, version
         seconds = time.perf_counter() - start

@@ -150,6 +150,11 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     return list(read_jsonl(out / METRICS_FILE))
 
 
+def held_out_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The metrics rows that carry a held-out loss (epoch ends and the last step; NaN when it was not measured)."""
+    return [r for r in rows if math.isfinite(r.get("eval_loss", math.nan))]
+
+
 def write_curve(rows: list[dict[str, Any]], path: Path) -> str:
     """The loss per step (and the held-out parse rate where measured) as a PNG; a note of what was written."""
     if not rows:
@@ -161,7 +166,7 @@ def write_curve(rows: list[dict[str, Any]], path: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train NLL / answer token")
-    held = [r for r in rows if math.isfinite(r.get("eval_loss", math.nan))]
+    held = held_out_rows(rows)
     if held:
         ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "s-", label="held-out NLL")
     ax.set_xlabel("optimizer step")
@@ -246,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     after = evaluate(str(export), held_out, root, cfg)
     rows = read_metrics(out)
     note = write_curve(rows, out / CURVE_FILE)
-    held_losses = [r["eval_loss"] for r in rows if math.isfinite(r.get("eval_loss", math.nan))]
+    held_losses = [r["eval_loss"] for r in held_out_rows(rows)]
     summary.update(
         {
             "steps": len(rows),
