@@ -19,6 +19,11 @@ samples together and each recomputes the prefill). The prefix-cache hit rate is 
 (`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits`: prompt tokens looked up and found, over every
 request including each of the n samples); see `last_generate_stats`.
 
+Health: an engine whose vLLM died (its engine core exited or failed a step) while the actor lives raises
+`RolloutEngineDead` from `generate`; the pool then asks for `restart_engine`, a new `LLM` inside the same actor
+(no process spawn, no imports). `abort_engine` runs on a second Ray concurrency group ("control"), so it
+answers while a hung generate blocks the actor's thread, and makes that generate return.
+
 Requests are built by module functions (`engine_args`, `vllm_prompt`, `rollout_sampling_params`) so the bare-vLLM
 baseline of `benchmarks/rollout.py` runs the very same engine, prompts and sampling parameters without the actor.
 
@@ -28,8 +33,10 @@ and the driver that owns the pool (pipelines/).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +44,14 @@ from typing import Any
 
 import ray
 
+from actors.engine_health import (
+    RolloutEngineDead,
+    engine_core_processes,
+    engine_death,
+    fail_next_step,
+    wake_waiting_generate,
+    watch_engine_core,
+)
 from actors.weight_sync import engine_weight_checksum, reload_weights_from_file, with_tied_head
 from veason_ray.config import RolloutConfig, SamplingConfig
 from veason_ray.records import PromptGroup, Rollout
@@ -54,6 +69,7 @@ CPU_VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
 PREFIX_QUERIES, PREFIX_HITS = "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"  # token counters
+ENGINE_CORE_EXIT_TIMEOUT_S = 20.0  # a killed engine-core process is gone in well under a second
 
 
 def engine_core_separate(setting: str, on_gpu: bool) -> bool:
@@ -82,6 +98,11 @@ def apply_engine_env(cfg: RolloutConfig, on_gpu: bool) -> None:
             os.environ.setdefault(key, value)
 
 
+def native_backend(cfg: RolloutConfig) -> str:
+    """The backend of vLLM's native weight transfer the engine is built with (GPU)."""
+    return "nccl" if cfg.weight_transport == "nccl" else "ipc"
+
+
 def engine_args(
     model_dir: str,
     cfg: RolloutConfig,
@@ -98,7 +119,7 @@ def engine_args(
         kwargs.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=cfg.enable_sleep_mode,
-            weight_transfer_config={"backend": "nccl" if cfg.weight_transport == "nccl" else "ipc"},
+            weight_transfer_config={"backend": native_backend(cfg)},
         )
     return dict(
         model=model_dir,
@@ -215,37 +236,103 @@ class RolloutEngine:
         self.on_gpu = torch.cuda.is_available()
         apply_engine_env(cfg, self.on_gpu)
         from transformers import AutoProcessor
-        from vllm import LLM
 
         self.cfg = cfg
-        self.version = 0
-        self._staged: list[tuple[str, Any]] = []
-        self._last_stats: dict[str, float] = {}
-        start = time.perf_counter()
-        self.load_checkpoint = load_checkpoint
-        self.llm = LLM(**engine_args(model_dir, cfg, self.on_gpu, dtype, seed, load_checkpoint))
-        self.start_seconds = time.perf_counter() - start
+        self.model_dir, self.dtype, self.seed = model_dir, dtype, seed
+        self.engine_starts = 0
+        self._native_init_info: dict[str, Any] | None = None  # what set up vLLM's weight transfer, if done
+        # held while vLLM generates: `abort_engine` (another thread) must not shut an in-process core down then
+        self._generating = threading.Lock()
+        self._start_engine(load_checkpoint)
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
         self.vision_token_ids = vision_token_ids(tokenizer)
 
+    def _start_engine(self, load_checkpoint: bool) -> None:
+        """Build vLLM's `LLM` (the actor's first, or a restart's) with fresh per-engine state: weight version 0
+        (the checkpoint, or dummy weights the pool replays into)."""
+        from vllm import LLM
+
+        start = time.perf_counter()
+        self.llm = LLM(
+            **engine_args(self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint)
+        )
+        self.start_seconds = time.perf_counter() - start
+        self.load_checkpoint = load_checkpoint
+        self.version = 0
+        self._staged: list[tuple[str, Any]] = []
+        self._last_stats: dict[str, float] = {}
+        self._dead = ""  # why this vLLM is dead; "" while it serves
+        self._closed = False  # its engine core was shut down
+        self.engine_starts += 1
+        watch_engine_core(self.llm)
+
     # ---- health ----
 
     def ready(self) -> dict[str, Any]:
-        """Answers once the engine is up: its weight version and start-up seconds."""
+        """Answers once the engine is up: its weight version, start-up seconds and processes."""
         separate = engine_core_separate(self.cfg.engine_core_process, self.on_gpu)
+        processes = engine_core_processes(self.llm)
         return {
             "version": self.version,
             "start_seconds": self.start_seconds,
             "pid": os.getpid(),
             "engine_core": "separate" if separate else "inproc",
+            "engine_core_pid": processes[0].pid if processes else os.getpid(),
+            "engine_starts": self.engine_starts,  # 1 + restarts in place
             "weights": "checkpoint" if self.load_checkpoint else "dummy (pushed after start)",
         }
 
-    def close(self) -> None:
-        """Shut vLLM's engine core down before the actor is killed, so a separate engine-core process has given
-        its GPU memory back when a replacement starts (whether or not Ray reaps a killed actor's children)."""
-        self.llm.llm_engine.engine_core.shutdown()
+    @ray.method(concurrency_group="control")
+    def abort_engine(self, reason: str = "aborted") -> None:
+        """Stop this vLLM now, from the actor's control thread, which answers even while a hung generate blocks
+        the main thread; that generate then raises RolloutEngineDead and returns. A separate engine core is
+        shut down (its GPU memory is free when this returns); an in-process one is shut down when idle, and
+        when generating fails at its next step (the shutdown follows in `restart_engine`, or the actor dies)."""
+        if self.llm is None:  # between two engines of a restart
+            return
+        self._dead = self._dead or reason
+        if engine_core_processes(self.llm):
+            self._close_engine()
+            wake_waiting_generate(self.llm.llm_engine.engine_core)
+        elif self._generating.acquire(blocking=False):
+            try:
+                self._close_engine()
+            finally:
+                self._generating.release()
+        else:
+            fail_next_step(self.llm)
+
+    def restart_engine(self, load_checkpoint: bool = True) -> dict[str, Any]:
+        """Replace this actor's vLLM by a new one from the same engine arguments, in this process: no process
+        spawn and no imports (on an H100 a new actor spends ~23 s on those besides vLLM's own start). Returns
+        `ready()`; the new engine serves weight version 0 until the pool replays its weights. Runs after any
+        generate in progress (one thread serves these calls): `abort_engine` first makes a hung one return.
+        vLLM's weight transfer is set up again as it was (IPC's set-up holds nothing outside this actor); an
+        engine in an NCCL weight group (its set-up named the group's rendezvous address) refuses, as a new vLLM
+        cannot join the group the learner built with the old one's workers (it rebuilds it for a new actor)."""
+        if "master_address" in (self._native_init_info or {}):
+            raise RuntimeError(
+                "restart_engine: this engine's weights come over an NCCL group, which a new vLLM in the same "
+                "actor cannot join; restart it as a new actor (RolloutPool.restart(engine, in_place=False))"
+            )
+        self._close_engine()
+        self.llm = None
+        gc.collect()  # the old engine's weights and KV cache, before the new one measures free memory
+        self._start_engine(load_checkpoint)
+        if self._native_init_info is not None:
+            self.init_native_transfer(self._native_init_info)
+        return self.ready()
+
+    def _close_engine(self) -> None:
+        """Shut vLLM's engine core down, once (vLLM 0.26's in-process client would run its shutdown twice). A
+        separate engine core's process is waited for: vLLM kills one that outlives its SIGTERM grace without
+        waiting, and its GPU memory is free only once it is gone."""
+        if not self._closed:
+            self._closed = True
+            self.llm.llm_engine.engine_core.shutdown()
+            for process in engine_core_processes(self.llm):
+                process.join(timeout=ENGINE_CORE_EXIT_TIMEOUT_S)
 
     # ---- generation ----
 
@@ -268,7 +355,7 @@ class RolloutEngine:
         stats = {"warmup_prompt_tokens": 0, "warmup_cached_tokens": 0, "warmup_seconds": 0.0}
         if (self.cfg.prefill_first if prefill_first is None else prefill_first) and n > 1:
             start, before = time.perf_counter(), prefix_counters(self.llm)
-            self.llm.generate(prompts, SamplingParams(n=1, max_tokens=1, detokenize=False), use_tqdm=False)
+            self._run(prompts, SamplingParams(n=1, max_tokens=1, detokenize=False))
             after = prefix_counters(self.llm)
             stats = {
                 "warmup_prompt_tokens": after[0] - before[0],
@@ -281,7 +368,7 @@ class RolloutEngine:
             rollout_sampling_params(sampling, n, seed + g.group_id if seeded else None, bias) for g in groups
         ]
         start, before = time.perf_counter(), prefix_counters(self.llm)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._run(prompts, params)
         after, generated = prefix_counters(self.llm), time.perf_counter()
         rollouts = self._rollouts(groups, outputs, detokenized=params[0].detokenize)
         self._last_stats = {
@@ -292,6 +379,23 @@ class RolloutEngine:
             "convert_seconds": time.perf_counter() - generated,
         }
         return rollouts
+
+    def _run(self, prompts: list[dict[str, Any]], params: Any) -> Any:
+        """vLLM's generate. A vLLM that is dead, or dies under it, raises RolloutEngineDead (the pool restarts
+        the engine); any other error is the request's and propagates as it is."""
+        with self._generating:
+            if self._dead:
+                raise RolloutEngineDead(
+                    f"rollout engine's vLLM is dead ({self._dead}); restart_engine replaces it"
+                )
+            try:
+                return self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as error:
+                reason = self._dead or engine_death(error, self.llm)
+                if not reason:
+                    raise
+                self._dead = reason
+                raise RolloutEngineDead(f"rollout engine's vLLM died: {reason}") from error
 
     def _rollouts(
         self, groups: Sequence[PromptGroup], outputs: Any, detokenized: bool
@@ -368,6 +472,7 @@ class RolloutEngine:
     def init_native_transfer(self, init_info: dict[str, Any]) -> None:
         """Initialise the worker-side transfer engine. `packed` goes where this vLLM declares it (0.32: the
         init info; earlier releases carried it per update)."""
+        self._native_init_info = dict(init_info)  # `restart_engine` sets the new vLLM up the same way
         info = dict(init_info)
         self._packed_per_update = None
         if "packed" in info and not self._init_info_declares("packed"):
@@ -377,8 +482,7 @@ class RolloutEngine:
     def _init_info_declares(self, field_name: str) -> bool:
         import dataclasses
 
-        backend = "nccl" if self.cfg.weight_transport == "nccl" else "ipc"
-        if backend == "ipc":
+        if native_backend(self.cfg) == "ipc":
             from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo as info_cls
         else:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo as info_cls

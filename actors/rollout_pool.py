@@ -1,17 +1,25 @@
 """RolloutPool: the engines of `rollout.engines` (`actors/rollout.py`), each on
 `gpus_per_engine * tensor_parallel_size` (logical) GPUs, with weight versions, sleep/wake and restarts.
 
-`generate` spreads the groups over the engines in equal contiguous chunks; a chunk whose engine dies or passes
-`request_timeout_s` is retried on a restarted engine that was first re-synced to the pool's weight version (at
-most `max_restarts` restarts per call). A restart or shutdown first closes the engine's vLLM (bounded wait), so
-a separate engine-core process has given its GPU memory back before a replacement starts. Weights arrive through
-a WeightTransport (`actors/weight_sync.py`).
+`generate` spreads the groups over the engines in equal contiguous chunks; a chunk whose engine fails is retried
+on a restarted engine that was first re-synced to the pool's weight version (at most `max_restarts` restarts per
+call). An engine fails when its actor dies, when its vLLM dies under a live actor (RolloutEngineDead: the engine
+core exited or failed a step), or when a call passes `request_timeout_s` (hung: its vLLM is aborted at once).
+Any other error of a call is the request's and reaches the caller.
+
+A restart is in place where it can be (`rollout.restart_in_place`): the live actor builds a new vLLM, which
+saves the process spawn and imports of a new actor. Where the actor is dead, does not answer within
+`restart_in_place_timeout_s`, or cannot (NCCL weights), the actor is replaced. Either way the old vLLM is shut
+down first (bounded wait), so a separate engine-core process has given its GPU memory back before the new one
+starts. `last_restart` says which kind ran and where its seconds went. Weights arrive through a WeightTransport
+(`actors/weight_sync.py`).
 
 Talks to: its RolloutEngine actors, and the driver that owns the pool (pipelines/).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -19,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from actors.engine_health import RolloutEngineDead
 from actors.rollout import RolloutEngine, RolloutEngineError, SleepState
 from actors.weight_sync import SyncReport, WeightSource, WeightTransport
 from veason_ray.config import RolloutConfig, SamplingConfig
@@ -29,7 +38,7 @@ from veason_ray.weight_transport import WeightChecksum
 
 log = logging.getLogger(__name__)
 
-ENGINE_CLOSE_TIMEOUT_S = 30.0  # a live engine closes in seconds; a hung one never answers
+ENGINE_CLOSE_TIMEOUT_S = 30.0  # a live engine's vLLM stops in seconds (its control thread answers when hung)
 
 
 class WeightSender(Protocol):
@@ -55,6 +64,22 @@ class SourceSender:
         return self.transport.replay(engines, all_engines)
 
 
+@dataclass
+class EngineRestart:
+    """One engine restart: which kind, and where its seconds went."""
+
+    kind: str  # "in_place" (a new vLLM in the live actor) or "new_actor"
+    stop: float  # old vLLM stopped: abort (a hung call returning), shutdown, a failed in-place attempt
+    start: float  # new engine up: vLLM's start (in place), or spawn + imports + vLLM's start (new actor)
+    resync: float  # the pool's weights replayed (and the engine put to sleep when the pool sleeps)
+    engine_start: float  # vLLM's own start (`LLM(...)`), part of `start`
+    fallback: str = ""  # why a new actor when an in-place restart was tried
+
+    @property
+    def seconds(self) -> float:
+        return self.stop + self.start + self.resync
+
+
 class RolloutPool:
     """`rollout.engines` RolloutEngine actors with restarts, weight versions and sleep/wake."""
 
@@ -75,11 +100,17 @@ class RolloutPool:
         self.asleep = False
         self.restarts = 0
         self.restart_seconds: list[float] = []
-        self.last_restart: dict[str, float] = {}
+        self.last_restart: EngineRestart | None = None
+        self._abandoned: list[ray.ObjectRef] = []  # calls of aborted engines, read once done (see `_drain`)
         gpus = cfg.gpus_per_engine * cfg.tensor_parallel_size
         quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
+        # "control": a thread of its own for `abort_engine`, which must answer while a generate blocks the actor
         self._actor_cls = ray.remote(
-            num_cpus=cfg.cpus_per_engine, num_gpus=gpus, max_restarts=0, runtime_env=quiet
+            num_cpus=cfg.cpus_per_engine,
+            num_gpus=gpus,
+            max_restarts=0,
+            runtime_env=quiet,
+            concurrency_groups={"control": 1},
         )(RolloutEngine)
         # Per engine, Ray scheduling options (its placement-group bundle); a restart goes where it was.
         self._scheduling = list(scheduling or [{}] * cfg.engines)
@@ -108,6 +139,7 @@ class RolloutPool:
     ) -> Iterator[tuple[int, list[list[Rollout]]]]:
         """As each engine finishes its chunk: (index of the chunk's first group, its groups' rollouts), so the
         caller can score a chunk while the other engines still generate."""
+        self._drain()
         sampling = sampling or self.cfg.sampling
         n = n or self.cfg.n
         groups = list(groups)
@@ -131,18 +163,22 @@ class RolloutPool:
                 try:
                     rollouts = ray.get(ref)
                 except RayActorError as e:
-                    failed.append((ref, f"died: {type(e).__name__}"))
+                    failed.append((ref, f"died ({type(e).__name__})"))
+                    continue
+                except RolloutEngineDead as e:  # a RayTaskError whose cause is the actor's RolloutEngineDead
+                    failed.append((ref, f"lost its vLLM ({getattr(e, 'cause', e)})"))
                     continue
                 _, part, _ = pending.pop(ref)
                 yield part.start, rollouts
             now = time.monotonic()
-            failed += [(ref, "hung") for ref, (_, _, d) in pending.items() if d <= now and ref not in ready]
+            hung = [ref for ref, (_, _, deadline) in pending.items() if deadline <= now and ref not in ready]
+            for ref in hung:  # stop them now; a restart (this call's or a later one's) replaces them
+                timeout = f"a generate passed rollout.request_timeout_s={self.cfg.request_timeout_s:g}"
+                self.engines[pending[ref][0]].abort_engine.remote(timeout)
+            failed += [(ref, "hung") for ref in hung]
+            self._abandoned += hung
             for ref, why in failed:
                 engine, part, _ = pending.pop(ref)
-                if why == "hung":
-                    ray.kill(
-                        self.engines[engine], no_restart=True
-                    )  # a later call finds it dead and restarts it
                 if budget <= 0:
                     raise RolloutEngineError(
                         f"rollout engine {engine} {why} serving groups {part.start}..{part.stop - 1}; "
@@ -160,17 +196,32 @@ class RolloutPool:
 
     # ---- health ----
 
-    def restart(self, engine: int) -> float:
-        """Replace engine `engine` by a fresh actor re-synced to the pool's weight version; returns seconds.
-        When weights were pushed, the replacement skips reading the checkpoint (vLLM's dummy load): the replay
-        overwrites every weight anyway."""
+    def restart(self, engine: int, in_place: bool | None = None) -> float:
+        """Restart engine `engine`, re-synced to the pool's weight version; returns seconds (the split:
+        `last_restart`). In place when `in_place` (default `rollout.restart_in_place`) and the actor can; else
+        the actor is replaced. When weights were pushed, the new vLLM skips reading the checkpoint (vLLM's
+        dummy load): the replay overwrites every weight anyway."""
         start = time.perf_counter()
-        self._stop([self.engines[engine]])
-        stopped = time.perf_counter()
         resync = self.sender is not None and self.version > 0
-        self.engines[engine] = self._spawn(engine, load_checkpoint=not resync)
-        self.engine_info[engine] = ray.get(self.engines[engine].ready.remote())
-        ready = time.perf_counter()
+        info, fallback = None, ""
+        if self.cfg.restart_in_place if in_place is None else in_place:
+            info, fallback = self._restart_in_place(engine, load_checkpoint=not resync)
+        kind = "in_place" if info is not None else "new_actor"
+        if info is not None:
+            ready = time.perf_counter()
+            split = {"stop": ready - start - info["start_seconds"], "start": info["start_seconds"]}
+        else:
+            if fallback:
+                log.warning(
+                    "rollout engine %d: no restart in place (%s); starting a new actor", engine, fallback
+                )
+            self._stop([self.engines[engine]])
+            stopped = time.perf_counter()
+            self.engines[engine] = self._spawn(engine, load_checkpoint=not resync)
+            info = ray.get(self.engines[engine].ready.remote())
+            ready = time.perf_counter()
+            split = {"stop": stopped - start, "start": ready - stopped}
+        self.engine_info[engine] = info
         if resync and self.sender.replay([self.engines[engine]], self.engines) is None:
             raise RuntimeError(  # never serve a dummy-initialised engine
                 f"rollout engine {engine} restarted without its checkpoint, but the weight sender had nothing "
@@ -178,15 +229,45 @@ class RolloutPool:
             )
         if self.asleep:
             ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
-        seconds = time.perf_counter() - start
-        self.last_restart = {  # where a restart's seconds went (the new engine's own start: engine_info)
-            "stop": stopped - start,
-            "start": ready - stopped,
-            "resync": time.perf_counter() - ready,
-        }
+        self.last_restart = EngineRestart(
+            kind=kind,
+            resync=time.perf_counter() - ready,
+            engine_start=info["start_seconds"],
+            fallback=fallback,
+            **split,
+        )
         self.restarts += 1
-        self.restart_seconds.append(seconds)
-        return seconds
+        self.restart_seconds.append(self.last_restart.seconds)
+        self._drain()  # an aborted call has returned by now when the restart was in place
+        return self.last_restart.seconds
+
+    def _drain(self) -> None:
+        """Read the calls of aborted engines that have ended (their RolloutEngineDead, or a late result), so
+        Ray does not log them as unhandled errors when their references go."""
+        if not self._abandoned:
+            return
+        done, self._abandoned = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
+        for ref in done:
+            with contextlib.suppress(RayError):
+                ray.get(ref)
+
+    def _restart_in_place(self, engine: int, load_checkpoint: bool) -> tuple[dict[str, Any] | None, str]:
+        """Abort the engine's vLLM (its control thread answers even while a generate blocks the actor, and makes
+        that generate return), then build a new vLLM in the actor (`restart_engine`, run after that generate).
+        Returns (its `ready` info, "") or (None, why not)."""
+        handle, timeout = self.engines[engine], self.cfg.restart_in_place_timeout_s
+        try:
+            ray.get(handle.abort_engine.remote("restarted by the pool"), timeout=ENGINE_CLOSE_TIMEOUT_S)
+            return ray.get(handle.restart_engine.remote(load_checkpoint), timeout=timeout), ""
+        except GetTimeoutError:
+            return None, (
+                f"no answer in time (abort_engine: {ENGINE_CLOSE_TIMEOUT_S:g} s, restart_engine: "
+                f"rollout.restart_in_place_timeout_s={timeout:g})"
+            )
+        except RayActorError:
+            return None, "its actor is dead"
+        except RayError as e:  # restart_engine failed (e.g. NCCL weights, a broken CUDA context)
+            return None, f"restart_engine failed: {getattr(e, 'cause', e)!r}"
 
     # ---- weights ----
 
@@ -237,9 +318,10 @@ class RolloutPool:
 
     @staticmethod
     def _stop(engines: Sequence[Any]) -> None:
-        """Close the engines' vLLM (their GPU memory is free when this returns; a dead or hung engine is not
-        waited for beyond `ENGINE_CLOSE_TIMEOUT_S`), then kill their actors."""
-        closing = [e.close.remote() for e in engines]
+        """Stop the engines' vLLM (`abort_engine`: a separate engine core's GPU memory is free when this
+        returns; a dead or stuck actor is not waited for beyond `ENGINE_CLOSE_TIMEOUT_S`), then kill their
+        actors."""
+        closing = [e.abort_engine.remote("stopped by the pool") for e in engines]
         deadline = time.monotonic() + ENGINE_CLOSE_TIMEOUT_S
         for ref in closing:
             try:
@@ -261,4 +343,4 @@ def _split(items: int, parts: int) -> list[slice]:
     return slices
 
 
-__all__ = ["RolloutPool", "SourceSender", "WeightSender"]
+__all__ = ["EngineRestart", "RolloutPool", "SourceSender", "WeightSender"]

@@ -257,6 +257,32 @@ class NCCLTransport(WeightTransport):
         return self.push(all_engines, self.source, self.version)
 
     def _send(self, engines: Sequence[Any], source: WeightSource, version: int) -> tuple[int, int]:
+        from vllm.distributed.weight_transfer import nccl_engine
+
+        self._current = source
+        device = _learner_device(source())
+        with torch.cuda.device(device):  # vLLM's trainer side builds its communicator on the current device
+            if hasattr(nccl_engine, "NCCLTrainerWeightTransferEngine"):
+                self._send_trainer_engine(engines, version)
+            else:
+                self._send_broadcast(engines, source, version, device)
+        ray.get([e.set_weight_version.remote(version) for e in engines])
+        nbytes = sum(t.numel() * t.element_size() for _, t in source())
+        return nbytes, max(1, -(-nbytes // self.bucket_bytes))
+
+    def _regroup(self, engines: Sequence[Any]) -> bool:
+        """Whether the NCCL group must be (re)built for `engines`; shuts the old members' side down if so."""
+        members = [e._actor_id.hex() for e in engines]
+        if members == self._members:
+            return False
+        if self._client is not None:
+            ray.get([e.shutdown_native_transfer.remote() for e in self._client.engines])
+        self._client = _PoolClient(engines, self.ranks_per_engine)
+        self._members = members
+        return True
+
+    def _send_trainer_engine(self, engines: Sequence[Any], version: int) -> None:
+        """vLLM >= 0.32: its trainer-side engine drives the whole update through `_PoolClient`."""
         from vllm.distributed.weight_transfer.base import ParamMeta
         from vllm.distributed.weight_transfer.base import WeightSource as VLLMWeightSource
         from vllm.distributed.weight_transfer.nccl_engine import (
@@ -273,12 +299,7 @@ class NCCLTransport(WeightTransport):
             def __iter__(self):
                 return iter(_on_device(transport._current(), torch.cuda.current_device()))
 
-        self._current = source
-        members = [e._actor_id.hex() for e in engines]
-        if members != self._members:
-            if self._client is not None:
-                ray.get([e.shutdown_native_transfer.remote() for e in self._client.engines])
-            self._client = _PoolClient(engines, self.ranks_per_engine)
+        if self._regroup(engines):
             init = NCCLTrainerInitInfo(
                 master_address=self.master_address,
                 master_port=_free_port(),
@@ -289,11 +310,51 @@ class NCCLTransport(WeightTransport):
             self._trainer = NCCLTrainerWeightTransferEngine.trainer_init(
                 init, client=self._client, source=_Source()
             )
-            self._members = members
         self._trainer.send_weights()
-        ray.get([e.set_weight_version.remote(version) for e in engines])
-        nbytes = sum(t.numel() * t.element_size() for _, t in source())
-        return nbytes, max(1, -(-nbytes // self.bucket_bytes))
+
+    def _send_broadcast(
+        self, engines: Sequence[Any], source: WeightSource, version: int, device: int
+    ) -> None:
+        """vLLM 0.26 (the GPU machines' pin): no trainer-side engine; the learner joins the group with
+        `trainer_init` while the engines' workers join it, and broadcasts the packed weights with
+        `trainer_send_weights` while the engines receive them (`update_weights`), each update between the
+        engines' `start_weight_update` and `finish_weight_update`, as vLLM 0.26's own NCCL example does.
+        Written against vLLM 0.26's source (vllm/distributed/weight_transfer/nccl_engine.py, nccl_common.py)."""
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+        if self._regroup(engines):
+            info = {
+                "master_address": self.master_address,
+                "master_port": _free_port(),
+                "world_size": 1 + len(engines) * self.ranks_per_engine,
+            }
+            joining = [
+                e.init_native_transfer.remote({**info, "rank_offset": 1 + i * self.ranks_per_engine})
+                for i, e in enumerate(engines)
+            ]
+            self._trainer = NCCLWeightTransferEngine.trainer_init(info)  # rendezvous with the workers
+            ray.get(joining)
+        weights = list(_on_device(source(), device))
+        packing = {"packed": True, "packed_buffer_size_bytes": self.bucket_bytes, "packed_num_buffers": 2}
+        update = {
+            "names": [n for n, _ in weights],
+            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in weights],
+            "shapes": [list(t.shape) for _, t in weights],
+            **packing,
+        }
+        self._client.start_weight_update()
+        receiving = [e.native_update.remote(update) for e in engines]
+        NCCLWeightTransferEngine.trainer_send_weights(iter(weights), {"group": self._trainer, **packing})
+        ray.get(receiving)
+        self._client.finish_weight_update(str(version))
+
+
+def _learner_device(weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """The CUDA device of the learner's weights (the first CUDA tensor's), or the current device."""
+    for _, tensor in weights:
+        if tensor.is_cuda:
+            return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return torch.cuda.current_device()
 
 
 def _free_port() -> int:

@@ -14,7 +14,12 @@ Default (GPU): a random-init Qwen2.5-VL-3B built from its configuration (real sh
      the pool's seconds went (prefill-first pass, vLLM's generate, conversion to Rollouts, the rest: Ray).
   4. weight sync of the full model from a learner copy on the same GPU (IPC; reload on CPU), twice: the first
      push also initialises vLLM's transfer engine, the second is what every GRPO step pays.
-  5. an engine restart with re-sync; 6. the pool with prefill-first flipped, if `--budget-s` leaves the time.
+  5. engine restarts with re-sync, each split into stop / start / re-sync and followed by the start-up lines
+     vLLM logged meanwhile (weights loaded, torch.compile, profiling, KV cache, CUDA graphs): its engine core
+     killed while the actor lives (SIGKILL of the separate engine-core process, as a CUDA error kills it; on
+     CPU, where the engine core runs in the actor, its vLLM aborted), which the next generate finds and
+     restarts in place; then a restart as a new actor.
+  6. the pool with prefill-first flipped, if `--budget-s` leaves the time.
 
 Prefix-cache hit rate: prompt tokens served from vLLM's prefix cache / prompt tokens looked up, over every
 request of the timed call (each of the n samples counts its prompt; the prefill-first warm-up counts too).
@@ -32,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +58,23 @@ from veason_ray.records import ExpressionRecord, PromptGroup, Sample  # noqa: E4
 MAX_UTILIZATION = 0.75  # the engine's share of the GPU when the learner's copy shares it
 # CUDA contexts, allocator slack, the engine's memory beyond its fraction (2.1 GiB measured at 0.85)
 MEMORY_MARGIN = 4 * 2**30
+# vLLM's start-up lines (0.26 and 0.32) that say where an engine start goes, printed after each restart
+STARTUP_LOG_MARKERS = (
+    "Starting to load model",
+    "Loading weights took",
+    "Model loading took",
+    "Dynamo bytecode transform",
+    "Directly load the compiled graph",
+    "Compiling a graph for",
+    "torch.compile took",
+    "Initial profiling/warmup run took",
+    "Memory profiling takes",
+    "Available KV cache memory",
+    "Graph capturing finished in",
+    "init engine (profile, create kv cache, warmup model) took",
+    "warmup completed in",
+)
+STARTUP_LOG_LINES = 25  # at most, per restart
 # Before anything is timed, a fresh engine runs the timed batch for a few tokens (on CPU the first large batch
 # took 4x as long as the next: first-use costs that are no engine's steady state); caches are reset after it.
 WARM_UP = SamplingConfig(max_new_tokens=16)
@@ -167,6 +190,7 @@ def rollout_config(args: argparse.Namespace) -> RolloutConfig:
         engine_core_process=args.engine_core_process,
         prefill_first=args.prefill_first,
         seed_requests=args.seed_requests,
+        weight_transport=args.transport,
     )
 
 
@@ -305,23 +329,106 @@ def sync_phase_row(table: Table, report) -> None:
         )
 
 
-def restart_rows(pool, table: Table) -> None:
-    """The last restart split: old engine stopped, new one started (and how it loaded), weights replayed."""
+class WorkerLogs:
+    """The lines Ray's worker processes logged under the session's `logs` folder (`worker-*.out` and
+    `worker-*.err`; a separate engine core writes to its actor's files) since the last `mark`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.sizes: dict[Path, int] = {}
+        self.since = ""  # the mark's local time as vLLM stamps its lines ("MM-DD HH:MM:SS")
+
+    def _files(self) -> list[Path]:
+        return sorted([*self.folder.glob("worker-*.out"), *self.folder.glob("worker-*.err")])
+
+    def mark(self) -> None:
+        self.sizes = {f: f.stat().st_size for f in self._files()}
+        self.since = time.strftime("%m-%d %H:%M:%S")
+
+    def lines_since_mark(self, markers: tuple[str, ...]) -> list[str]:
+        """The lines appended since the mark that hold any of `markers`, in time order, as "HH:MM:SS message".
+        Lines stamped before the mark are left out: a process may flush its output late."""
+        found = []
+        for path in self._files():
+            with path.open("rb") as file:
+                file.seek(self.sizes.get(path, 0))
+                text = file.read().decode(errors="replace")
+            for line in text.splitlines():
+                stamp = re.search(r"(\d\d-\d\d (\d\d:\d\d:\d\d))(?:\.\d+)? \[[^\]]+\] (.*)", line)
+                if any(m in line for m in markers) and (not stamp or stamp[1] >= self.since):
+                    found.append((stamp[1], f"{stamp[2]} {stamp[3]}") if stamp else ("", line.strip()[-200:]))
+        return [line for _, line in sorted(found)]
+
+
+def restart_rows(pool, table: Table, logs: WorkerLogs) -> None:
+    """The last restart: its kind and split (old vLLM stopped, new one started and how it loaded, weights
+    replayed), then vLLM's start-up lines logged since `logs.mark()`."""
     split, info = pool.last_restart, pool.engine_info[0]
+    fallback = f"; fell back: {split.fallback}" if split.fallback else ""
     table.add(
-        f"  of it: stop / start ({info['weights']}; engine's own start {info['start_seconds']:.1f}) / re-sync s",
-        f"{split['stop']:.1f} / {split['start']:.1f} / {split['resync']:.2f}",
+        f"  of it ({split.kind}{fallback}): stop / start ({info['weights']}; vLLM's own start "
+        f"{split.engine_start:.1f}) / re-sync s",
+        f"{split.stop:.1f} / {split.start:.1f} / {split.resync:.2f}",
+    )
+    lines = logs.lines_since_mark(STARTUP_LOG_MARKERS)
+    for line in lines[:STARTUP_LOG_LINES]:
+        table.log(f"    vLLM: {line}")
+    if len(lines) > STARTUP_LOG_LINES:
+        table.log(f"    vLLM: ... {len(lines) - STARTUP_LOG_LINES} more start-up lines in {logs.folder}")
+
+
+def kill_engine_core(pool, engine: int) -> str:
+    """Kill engine `engine`'s vLLM while its actor lives: SIGKILL of a separate engine-core process (what a CUDA
+    error does to it); an in-process engine core (CPU) cannot die alone, so its vLLM is aborted instead."""
+    import ray
+
+    info = pool.engine_info[engine]
+    if info["engine_core"] == "separate":
+        os.kill(info["engine_core_pid"], signal.SIGKILL)
+        return "engine core process killed"
+    ray.get(pool.engines[engine].abort_engine.remote("benchmark: engine core killed"))
+    return "in-process vLLM aborted"
+
+
+def restart_both_ways(pool, table: Table, groups: list[PromptGroup], logs: WorkerLogs) -> None:
+    """A dead engine core found by the next generate and restarted in place, then a restart as a new actor;
+    each with its split and vLLM's start-up lines."""
+    logs.mark()
+    how = kill_engine_core(pool, 0)
+    start = time.perf_counter()
+    out = pool.generate(groups[:2], WARM_UP)
+    table.add(
+        f"{how}: next generate (2 prompts x n, 16 tokens) incl. its restart s",
+        f"{time.perf_counter() - start:.1f} ({sum(len(r.token_ids) for g in out for r in g)} tokens)",
+    )
+    table.add("engine restart in place incl. re-sync s", f"{pool.last_restart.seconds:.1f}")
+    restart_rows(pool, table, logs)
+    logs.mark()
+    table.add("engine restart as a new actor incl. re-sync s", f"{pool.restart(0, in_place=False):.1f}")
+    restart_rows(pool, table, logs)
+    start = time.perf_counter()
+    out = pool.generate(groups[:2], WARM_UP)
+    table.add(
+        "new actor: 2 prompts x n, 16 tokens s",
+        f"{time.perf_counter() - start:.2f} ({sum(len(r.token_ids) for g in out for r in g)} tokens)",
     )
 
 
-def sync_and_restart(pool, args: argparse.Namespace, table: Table, groups: list[PromptGroup]) -> None:
+def sync_and_restart(
+    pool, args: argparse.Namespace, table: Table, groups: list[PromptGroup], logs: WorkerLogs
+) -> None:
     """`--sync-only`: pushes of the full model at each `--sync-bucket-mb` size (`--sync-pushes` each, after one
-    push that initialises the transfer), their phase split, then a restart and a short generate on it."""
+    push that initialises the transfer), their phase split, then both restarts (`restart_both_ways`)."""
     from actors.weight_sync import make_transport
 
-    weights = checkpoint_weights(Path(args.model), "cuda" if torch.cuda.is_available() else "cpu")
+    nccl = args.transport == "nccl"
+    # NCCL: the learner's copy on the last GPU, the engine on GPU 0 (Ray is told of one GPU: `run_pool`)
+    device = (
+        f"cuda:{torch.cuda.device_count() - 1}" if nccl else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    weights = checkpoint_weights(Path(args.model), device)  # the NCCL transport sends from the weights' GPU
     sizes = [float(mb) for mb in args.sync_bucket_mb.split(",")]
-    transport = make_transport("auto", int(sizes[0] * 2**20))
+    transport = make_transport(args.transport, int(sizes[0] * 2**20))
     report = pool.update_weights(transport, lambda: weights)
     table.add(
         f"weight sync, first push (transfer init incl.; {sizes[0]:g} MiB buckets) s", f"{report.seconds:.2f}"
@@ -338,14 +445,12 @@ def sync_and_restart(pool, args: argparse.Namespace, table: Table, groups: list[
             f"{min(seconds):.3f} / {sorted(seconds)[len(seconds) // 2]:.3f}",
         )
         sync_phase_row(table, report)
-    table.add("engine restart incl. re-sync s", f"{pool.restart(0):.1f}")
-    restart_rows(pool, table)
-    start = time.perf_counter()
-    out = pool.generate(groups[:2], WARM_UP)
-    table.add(
-        "restarted engine: 2 prompts x n, 16 tokens s",
-        f"{time.perf_counter() - start:.2f} ({sum(len(r.token_ids) for g in out for r in g)} tokens)",
-    )
+    if nccl:  # an NCCL group is rebuilt with a new actor, which this benchmark does not measure (issue 10)
+        table.log(
+            "NCCL transport: restarts not measured (an engine in an NCCL weight group restarts as a new actor)"
+        )
+        return
+    restart_both_ways(pool, table, groups, logs)
 
 
 def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) -> float:
@@ -359,7 +464,14 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
     cfg = rollout_config(args)
     groups = make_groups(args.prompts, args.frames, args.size)
     label = "our pool" + (", prefill-first" if args.prefill_first else ", no prefill-first")
-    ray.init(num_gpus=None if on_gpu else 1, include_dashboard=False, log_to_driver=False)
+    if args.transport == "nccl" and (not on_gpu or torch.cuda.device_count() < 2):
+        raise SystemExit(
+            "rollout benchmark: --transport nccl needs two GPUs (engine on GPU 0, learner on the last)"
+        )
+    gpus = 1 if args.transport == "nccl" or not on_gpu else None  # nccl: Ray places the engine on GPU 0
+    context = ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    # this session's logs: session_latest may be another Ray instance's on a shared machine
+    logs = WorkerLogs(Path(context.address_info["session_dir"]) / "logs")
     try:
         pool = RolloutPool(args.model, cfg, seed=0)
         info = pool.engine_info[0]
@@ -367,7 +479,7 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
         table.add(f"our pool: engine start s (engine core {info['engine_core']}, {cache})",
                   f"{max(i['start_seconds'] for i in pool.engine_info):.1f}")  # fmt: skip
         if args.sync_only:
-            sync_and_restart(pool, args, table, groups)
+            sync_and_restart(pool, args, table, groups, logs)
             return 0.0
         pool.generate(groups, WARM_UP)
         seconds, rate = pool_pass(pool, groups, label, table, args.n)
@@ -383,8 +495,7 @@ def run_pool(args: argparse.Namespace, table: Table, bare_rate: float | None) ->
             table.add(f"weight sync over {report.transport} ({push}; {report.nbytes / 2**30:.2f} GiB, "
                       f"{report.buckets} buckets) s", f"{report.seconds:.2f}")  # fmt: skip
             sync_phase_row(table, report)
-        table.add("engine restart incl. re-sync s", f"{pool.restart(0):.1f}")
-        restart_rows(pool, table)
+        restart_both_ways(pool, table, groups, logs)
         if args.skip_prefill_ab or table.left() < 1.5 * seconds + 30:
             table.log("prefill-first flipped: skipped (--skip-prefill-ab or --budget-s)")
         else:
@@ -468,6 +579,8 @@ def parse_args() -> argparse.Namespace:
     )
     add("--sync-bucket-mb", default="256,512,1024", help="--sync-only: bucket sizes to push, comma-separated")
     add("--sync-pushes", type=int, default=3, help="--sync-only: timed pushes per bucket size")
+    add("--transport", choices=["auto", "ipc", "nccl"], default="auto",
+        help="weight transport; nccl (with --sync-only, 2 GPUs): the learner's copy on another GPU")  # fmt: skip
     add("--hf-prompts", type=int, default=2, help="prompts HF generate runs (0: skip HF)")
     add("--hf-max-new-tokens", type=int, default=128)
     add("--budget-s", type=float, default=520, help="optional steps run only while this wall budget allows")

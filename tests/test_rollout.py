@@ -2,9 +2,10 @@
 
 Prompts carry 2-3 frames of 112x112 pixels (16 visual tokens each) instead of 6 at 560 to keep CPU time low;
 the code path is the same. One module-scoped pool of two engines (0.5 logical GPU each, engine core in the
-actor's process, prefill-first, per-request seeds for the reproducibility checks) serves most tests; the kill
-test restarts one of them. One test starts a one-engine pool whose engine core runs in a process of its own
-(the GPU default) and checks every engine call there.
+actor's process, prefill-first, per-request seeds for the reproducibility checks) serves most tests; the health
+tests restart its engines (a killed actor: a new one; a dead vLLM or a hung call: a new vLLM in the same actor).
+One test starts a one-engine pool whose engine core runs in a process of its own (the GPU default) and checks
+every engine call there; a slow one kills that engine core process as a CUDA error would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +32,9 @@ for _key, _value in {
 import ray  # noqa: E402
 import torch  # noqa: E402
 from prompt_groups import make_group  # noqa: E402
+from ray.exceptions import RayTaskError  # noqa: E402
 
+from actors.engine_health import RolloutEngineDead, engine_death  # noqa: E402
 from actors.rollout import RolloutEngineError, rollout_sampling_params, sampled_logprobs  # noqa: E402
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from actors.weight_sync import ReloadTransport  # noqa: E402
@@ -210,11 +215,9 @@ def test_prefill_first_serves_every_sample_from_the_prefix_cache(pool):
     assert all(s["warmup_prompt_tokens"] == 0 and s["warmup_seconds"] == 0 for s in stats)
 
 
-def test_separate_engine_core_process_serves_every_engine_call(tiny_model):
-    """The GPU process model on CPU: generate, prefix-cache counters, apply_model (checksum), collective_rpc
-    (reload), cache resets. Without prefill-first, samples of one prompt prefill side by side."""
-    model_dir, model = tiny_model
-    cfg = RolloutConfig(
+def separate_core_config() -> RolloutConfig:
+    """One engine whose engine core runs in a process of its own (the GPU default), beside the module pool."""
+    return RolloutConfig(
         engines=1,
         gpus_per_engine=0.0,
         cpus_per_engine=0.0,  # the module pool holds the 2 CPUs
@@ -226,7 +229,13 @@ def test_separate_engine_core_process_serves_every_engine_call(tiny_model):
         engine_core_process="separate",
         prefill_first=False,
     )
-    pool = RolloutPool(str(model_dir), cfg, seed=0)
+
+
+def test_separate_engine_core_process_serves_every_engine_call(tiny_model):
+    """The GPU process model on CPU: generate, prefix-cache counters, apply_model (checksum), collective_rpc
+    (reload), cache resets. Without prefill-first, samples of one prompt prefill side by side."""
+    model_dir, model = tiny_model
+    pool = RolloutPool(str(model_dir), separate_core_config(), seed=0)
     try:
         assert pool.engine_info[0]["engine_core"] == "separate"
         assert [len(r) for r in pool.generate(big_groups(4))] == [4] * 4
@@ -253,7 +262,7 @@ def test_sleep_and_wake_say_why_they_do_nothing_on_cpu(pool):
     assert all(not s.supported for s in pool.wake())
 
 
-def test_killed_engine_is_replaced_resynced_and_the_request_completes(pool, tiny_model):
+def test_killed_actor_is_replaced_resynced_and_the_request_completes(pool, tiny_model):
     _, model = tiny_model
     expected = pool.weight_checksums()[1]
     version = pool.version
@@ -264,6 +273,7 @@ def test_killed_engine_is_replaced_resynced_and_the_request_completes(pool, tiny
     seconds = time.perf_counter() - start
     assert [len(r) for r in out] == [4] * 4
     assert pool.restarts == 1
+    assert pool.last_restart.kind == "new_actor" and "dead" in pool.last_restart.fallback
     info = ray.get(pool.engines[1].ready.remote())
     assert info["pid"] != old_pid
     # after a push the replacement skips the checkpoint (dummy weights), and the replay overwrites them all
@@ -273,24 +283,85 @@ def test_killed_engine_is_replaced_resynced_and_the_request_completes(pool, tiny
     print(f"kill -> replaced engine answered in {seconds:.1f} s (restart {pool.restart_seconds[-1]:.1f} s)")
 
 
-def test_live_engine_restart_closes_vllm_and_serves_the_same_weights(pool):
-    """A restart of a live engine (the benchmark's, a driver's) shuts its vLLM down before the actor dies, so a
-    separate engine-core process has given its memory back before the replacement starts."""
-    expected, old_pid = pool.weight_checksums()[0], ray.get(pool.engines[0].ready.remote())["pid"]
-    seconds = pool.restart(0)
-    assert seconds > 0
-    split = pool.last_restart  # where the seconds went: old engine stopped, new one started, weights replayed
-    assert set(split) == {"stop", "start", "resync"} and sum(split.values()) == pytest.approx(
-        seconds, abs=0.5
-    )
-    assert ray.get(pool.engines[0].ready.remote())["pid"] != old_pid
-    assert pool.weight_checksums()[0].matches(expected)
+def test_live_engine_restarts_in_place_or_as_a_new_actor_with_the_same_weights(pool):
+    """A restart of a live engine (the benchmark's, a driver's): in place by default (a new vLLM in the same
+    actor process), a new actor on request; either way the old vLLM is shut down first (a separate engine-core
+    process gives its memory back before the new one starts) and the pool's weights are replayed."""
+    expected, before = pool.weight_checksums()[0], ray.get(pool.engines[0].ready.remote())
+    for in_place in (True, False):
+        seconds = pool.restart(0, in_place=in_place)
+        # where the seconds went: old vLLM stopped, new one started, weights replayed
+        split = pool.last_restart
+        assert split.kind == ("in_place" if in_place else "new_actor") and not split.fallback
+        assert seconds == split.seconds and split.stop >= 0 and split.resync > 0
+        assert split.start >= split.engine_start > 0
+        assert pool.weight_checksums()[0].matches(expected)
+        assert [len(r) for r in pool.generate(groups(2))] == [4, 4]
+        print(f"{split.kind} restart: {split}")
+        if in_place:
+            info = ray.get(pool.engines[0].ready.remote())
+            assert info["pid"] == before["pid"] and info["engine_starts"] == before["engine_starts"] + 1
+            assert info["weights"].startswith("dummy") == (pool.version > 0)  # the replay fills dummy weights
+    assert ray.get(pool.engines[0].ready.remote())["pid"] != before["pid"]
+
+
+def test_dead_vllm_in_a_live_actor_is_restarted_in_place_resynced_and_the_request_completes(pool):
+    """An engine whose vLLM died while the actor lives (on GPU: its engine core process killed by a CUDA
+    error) fails its next generate with RolloutEngineDead; the pool builds a new vLLM in the same actor,
+    replays the pool's weights and retries the groups."""
+    expected, before = pool.weight_checksums()[1], ray.get(pool.engines[1].ready.remote())
+    restarts = pool.restarts
+    ray.get(pool.engines[1].abort_engine.remote("test: engine core shut down"))  # the actor lives on
+    out = pool.generate(groups(4))
+    assert [len(r) for r in out] == [4] * 4
+    assert {r.weight_version for g in out for r in g} == {pool.version}
+    assert pool.restarts == restarts + 1 and pool.last_restart.kind == "in_place"
+    info = ray.get(pool.engines[1].ready.remote())
+    assert info["pid"] == before["pid"] and info["engine_starts"] == before["engine_starts"] + 1
+    assert pool.weight_checksums()[1].matches(expected)
+    print(f"dead vLLM -> restarted in place: {pool.last_restart}")
+
+
+def test_a_request_error_reaches_the_caller_and_is_not_retried(pool):
+    """A prompt with more images than `max_images_per_prompt`: vLLM rejects it (VLLMValidationError, a
+    ValueError in vLLM 0.26) while the engine stays alive, so the pool neither restarts nor retries."""
+    restarts = pool.restarts
+    too_many = make_group(0, pool.cfg.max_images_per_prompt + 1)
+    with pytest.raises(RayTaskError, match="At most 3 image"):
+        pool.generate([too_many, *groups(1)])
+    assert pool.restarts == restarts
     assert [len(r) for r in pool.generate(groups(2))] == [4, 4]
 
 
-def test_hung_engine_is_detected_by_timeout_instead_of_hanging(pool):
+def test_engine_death_is_told_from_a_request_error():
+    """Hand-worked cases of `engine_death`: vLLM's own word, or a failed one-token probe, means dead."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    class StubLLM:
+        def __init__(self, probe_error: Exception | None = None, core_dead: bool = False) -> None:
+            self.probe_error, self.probes = probe_error, 0
+            resources = SimpleNamespace(engine_dead=core_dead)
+            self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(resources=resources))
+
+        def generate(self, *args, **kwargs) -> list:
+            self.probes += 1
+            if self.probe_error:
+                raise self.probe_error
+            return []
+
+    alive = StubLLM()
+    assert engine_death(EngineDeadError(), alive) == "vLLM raised EngineDeadError" and alive.probes == 0
+    assert "process exited" in engine_death(RuntimeError("x"), StubLLM(core_dead=True))
+    assert engine_death(ValueError("too many images"), alive) is None and alive.probes == 1
+    # an in-process engine core shut down under vLLM 0.32 raises an AssertionError from its step
+    reason = engine_death(AssertionError("pp group"), StubLLM(AssertionError("pp group")))
+    assert "AssertionError: pp group" in reason and "probe failed" in reason
+
+
+def test_hung_engine_is_aborted_at_once_and_restarted_in_place(pool):
     cfg = pool.cfg
     saved = cfg.request_timeout_s, cfg.max_restarts
+    pids = [i["pid"] for i in ray.get([e.ready.remote() for e in pool.engines])]
     cfg.request_timeout_s, cfg.max_restarts = 0.05, 0
     try:
         start = time.perf_counter()
@@ -299,6 +370,54 @@ def test_hung_engine_is_detected_by_timeout_instead_of_hanging(pool):
         assert time.perf_counter() - start < 10
     finally:
         cfg.request_timeout_s, cfg.max_restarts = saved
+    # aborted, not killed: the hung generates returned (the actors answer again) in the same processes
+    infos = ray.get([e.ready.remote() for e in pool.engines], timeout=30)
+    assert [i["pid"] for i in infos] == pids
     restarts = pool.restarts
-    out = pool.generate(groups(2))  # the killed engine is restarted by the next call
-    assert [len(r) for r in out] == [4, 4] and pool.restarts > restarts
+    out = pool.generate(groups(2))  # the aborted engine(s) are restarted in place by the next call
+    assert [len(r) for r in out] == [4, 4]
+    assert pool.restarts > restarts and pool.last_restart.kind == "in_place"
+    assert [i["pid"] for i in ray.get([e.ready.remote() for e in pool.engines])] == pids
+
+
+@pytest.mark.slow
+def test_killed_engine_core_process_is_restarted_in_place(tiny_model):
+    """The GPU failure mode on CPU: the engine core process dies (a CUDA error; here SIGKILL) while the actor
+    lives. vLLM's client marks the engine dead (EngineDeadError); the pool restarts it in place and replays
+    the pushed weights (about 60 s: two starts of a separate engine core on CPU)."""
+    model_dir, model = tiny_model
+    pool = RolloutPool(str(model_dir), separate_core_config(), seed=0)
+    try:
+        embed = "model.language_model.embed_tokens.weight"
+        zero = torch.zeros_like(model.state_dict()[embed])
+        zeroed = _state(model, **{embed: zero, "lm_head.weight": zero})
+        pool.update_weights(ReloadTransport(bucket_bytes=256 * 1024), lambda: zeroed)
+        before = pool.engine_info[0]
+        assert before["engine_core_pid"] != before["pid"]
+        os.kill(before["engine_core_pid"], signal.SIGKILL)
+        out = pool.generate(groups(2))
+        assert [len(r) for r in out] == [4, 4] and pool.last_restart.kind == "in_place"
+        info = ray.get(pool.engines[0].ready.remote())
+        assert info["pid"] == before["pid"] and info["engine_core_pid"] != before["engine_core_pid"]
+        assert pool.weight_checksums()[0].matches(checksum_weights(zeroed))
+        print(f"engine core killed -> restarted in place: {pool.last_restart}")
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+def test_engine_core_killed_during_a_generate_wakes_it(tiny_model):
+    """vLLM's sync client leaves a generate blocked for ever when its engine core process is killed outright;
+    the engine's watch on the process wakes it with EngineDeadError, so the pool restarts at once instead of
+    after `request_timeout_s`."""
+    model_dir, _ = tiny_model
+    pool = RolloutPool(str(model_dir), separate_core_config(), seed=0)
+    try:
+        engine, info = pool.engines[0], pool.engine_info[0]
+        long_call = engine.generate.remote(groups(2), SamplingConfig(max_new_tokens=1800), 16)
+        assert not ray.wait([long_call], timeout=2.0)[0]  # still generating
+        os.kill(info["engine_core_pid"], signal.SIGKILL)
+        with pytest.raises(RolloutEngineDead, match="EngineDeadError"):
+            ray.get(long_call, timeout=30)
+    finally:
+        pool.shutdown()

@@ -150,6 +150,8 @@ class RolloutConfig:
     # it off, a trained Qwen does not emit them and the learner masks any that appear)
     suppress_vision_tokens: bool = True
     max_restarts: int = 2  # engine restarts one generate call may spend before it fails
+    restart_in_place: bool = True  # a restart builds a new vLLM in the live actor, else a new actor
+    restart_in_place_timeout_s: float = 180.0  # then a new actor instead (3B on an H100: vLLM starts in 65 s)
     cpus_per_engine: float = 1.0
     # where vLLM's engine core runs: "inproc" (in the actor: half the start-up on CPU), "separate" (its own
     # process: scheduling overlaps GPU execution); auto = inproc on CPU, separate with CUDA
