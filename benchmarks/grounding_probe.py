@@ -16,7 +16,7 @@ sections usable frequencies without changing the model's shapes. Measured on an 
 "the grounding probe"): no variant, rotary settings and plain 1-D positions included, boxed better than a
 typical box within 64 K examples (2,000 steps); the losses still fell.
 
-    python3 benchmarks/grounding_probe.py --out /tmp/probe                      # GPU: default variants, ~6 min
+    python3 benchmarks/grounding_probe.py --out /tmp/probe --steps 3000    # GPU: 7 variants one after another, ~6 min each
     python3 benchmarks/grounding_probe.py --out /tmp/probe_cpu --steps 20 --examples 64 --eval-examples 16 \\
         --variants name=cpu,px=112 --hidden 128 --layers 2 --vision-depth 1   # CPU check of the script
 """
