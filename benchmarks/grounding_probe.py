@@ -139,6 +139,7 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from benchmarks.sft_format import small_qwen_sizes
     from veason_ray.models.tiny_qwen import build_tiny_processor, qwen2_5_vl_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,37 +147,9 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
     processor = build_tiny_processor()
     images = processor.image_processor
     tokenizer = processor.tokenizer
-    heads = max(1, args.hidden // 64)
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": args.hidden,
-        "intermediate_size": 4 * args.hidden,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "max_position_embeddings": 32768,
-        "max_window_layers": args.layers,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": variant.rope_theta,
-            "mrope_section": list(variant.mrope_section),
-        },
-    }
-    vision_hidden = max(64, args.hidden // 2)
-    vision = {
-        "depth": args.vision_depth,
-        "hidden_size": vision_hidden,
-        "intermediate_size": 2 * vision_hidden,
-        "num_heads": vision_hidden // 32,
-        "out_hidden_size": args.hidden,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "tokens_per_second": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": list(range(args.vision_depth)),
-    }
+    text, vision = small_qwen_sizes(
+        len(tokenizer), args.hidden, args.layers, args.vision_depth, variant.rope_theta, variant.mrope_section
+    )
     torch.manual_seed(args.seed)
     model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision)).to(device)
     train_frames, train_questions, train_boxes = make_examples(

@@ -56,6 +56,51 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} {time.perf_counter() - T0:6.0f} s] {message}", flush=True)
 
 
+def small_qwen_sizes(
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    vision_depth: int,
+    rope_theta: float = 1000000.0,
+    mrope_section: tuple[int, int, int] = (8, 12, 12),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The text and vision sizes of a small Qwen2.5-VL (`qwen2_5_vl_config`'s arguments): heads of 64, a vision
+    tower of width hidden/2 with full attention in every block (one attention call per image instead of one per
+    8x8-patch window). Qwen's rotary defaults, M-RoPE sections scaled by 1/2 to the heads of 64."""
+    heads = max(1, hidden // 64)
+    text_sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 4),
+        "max_position_embeddings": 32768,
+        "max_window_layers": layers,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": rope_theta,
+            "mrope_section": list(mrope_section),
+        },
+    }
+    vision_hidden = max(64, hidden // 2)
+    vision_sizes = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden,
+        "intermediate_size": 2 * vision_hidden,
+        "num_heads": vision_hidden // 32,
+        "out_hidden_size": hidden,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": list(range(vision_depth)),
+    }
+    return text_sizes, vision_sizes
+
+
 def write_small_qwen(
     out_dir: Path, hidden: int, layers: int, vision_depth: int, seed: int, image_pixels: int = 0
 ) -> Path:
@@ -76,34 +121,7 @@ def write_small_qwen(
             "longest_edge": image_pixels,
         }
         images.max_pixels = image_pixels
-    heads = max(1, hidden // 64)
-    text_sizes = {
-        "vocab_size": len(processor.tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": 4 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "max_position_embeddings": 32768,
-        "max_window_layers": layers,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
-    }
-    vision_hidden = max(64, hidden // 2)
-    vision_sizes = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden,
-        "intermediate_size": 2 * vision_hidden,
-        "num_heads": vision_hidden // 32,
-        "out_hidden_size": hidden,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "tokens_per_second": 2,
-        "window_size": 112,
-        # full attention in every block: one attention call per image instead of one per 8x8-patch window
-        "fullatt_block_indexes": list(range(vision_depth)),
-    }
+    text_sizes, vision_sizes = small_qwen_sizes(len(processor.tokenizer), hidden, layers, vision_depth)
     config = qwen2_5_vl_config(processor.tokenizer, text_sizes, vision_sizes)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
