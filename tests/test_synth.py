@@ -314,3 +314,35 @@ def test_every_predicate_is_true_and_all_kinds_occur():
     } <= predicates
     assert {"collides_with", "in_front_of", "behind", "approaches"} <= predicates
     assert any(p.startswith("moving_") for p in predicates)
+
+
+# --- backdrop -----------------------------------------------------------------------------------------
+
+
+def test_positional_backdrop_gives_the_place_away_and_stays_apart_from_the_shapes():
+    """Red rises left to right and green top to bottom, identically in every video (the policy can learn where
+    a token lies); blue is the video's tint; every backdrop pixel stays within the colour tracker's background
+    distance (60) of the border median and far from every shape colour."""
+    from veason_ray.models.colour_propagator import frame_background
+
+    cfg = WorldConfig(height=96, width=128, num_frames=3)
+    scenes = [simulate_video(5, index, cfg)[0] for index in range(4)]
+    first = scenes[0].background.astype(int)
+    assert first.shape == (96, 128, 3)
+    assert (np.diff(first[0, :, 0]) >= 0).all() and first[0, -1, 0] - first[0, 0, 0] >= 55
+    assert (np.diff(first[:, 0, 1]) >= 0).all() and first[-1, 0, 1] - first[0, 0, 1] >= 55
+    for scene in scenes[1:]:
+        assert np.array_equal(scene.background[..., :2], scenes[0].background[..., :2])
+    assert len({int(s.background[0, 0, 2]) for s in scenes}) > 1  # the tint varies
+    for scene in scenes:
+        pixels = scene.background.reshape(-1, 3).astype(float)
+        assert np.linalg.norm(pixels - frame_background(scene.background), axis=1).max() < 60
+        for colour in COLOURS.values():
+            assert np.linalg.norm(pixels - np.array(colour), axis=1).min() > 100
+
+
+def test_vertical_backdrop_is_kept_and_an_unknown_one_is_refused():
+    scene, _ = simulate_video(5, 0, WorldConfig(height=96, width=128, num_frames=3, backdrop="vertical"))
+    assert (scene.background == scene.background[:, :1]).all()  # constant along each row
+    with pytest.raises(ValueError, match="WorldConfig.backdrop"):
+        WorldConfig(backdrop="checkerboard")
