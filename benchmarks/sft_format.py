@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs",
         type=int,
         default=3,
-        help="H100: 4 epochs of 1,200 videos ran 698 steps at ~0.8 s, too long for one call",
+        help="H100: 4 epochs of 1,200 videos (711 steps at ~0.63 s) did not fit one 10-minute call",
     )
     parser.add_argument(
         "--lr",

@@ -170,6 +170,9 @@ class Scene:
         return (self.modal[top] & self.amodal[bottom]).sum(axis=(1, 2))
 
 
+BACKDROPS = ("positional", "vertical")  # see WorldConfig
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """Frame size in pixels, video length in frames, how many objects a scene holds, and the backdrop.
@@ -194,12 +197,7 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.backdrop is {self.backdrop!r}; use one of {', '.join(BACKDROPS)}")
 
 
-BACKDROPS = ("positional", "vertical")
-
-
-def _background(
-    rng: np.random.Generator, height: int, width: int, backdrop: str = "positional"
-) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int, backdrop: str) -> np.ndarray:
     """A dark backdrop, never close to any shape colour (see ``WorldConfig``). "positional": red 20 -> 80 from
     the left edge to the right, green 20 -> 80 from top to bottom, blue 20-70 per video; every pixel is within
     RGB distance 45 of the frame's border median, so the colour tracker's background test (distance 60) holds.
