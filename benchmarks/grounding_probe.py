@@ -16,9 +16,9 @@ H100. The positional backdrop makes it come sooner (tiny CPU model: IoU 0.47 aga
 after 2,000 steps). Described objects (colour, look: 3-6 objects in the frame) stayed at IoU ~0.03 through
 2,000 steps of 64 at 3e-4, their losses still falling.
 
-    python3 benchmarks/grounding_probe.py --out /tmp/probe --steps 5000 --batch 64 --budget-s 510 \
+    python3 benchmarks/grounding_probe.py --out /tmp/probe --steps 5000 --batch 64 --budget-s 510 \\
         --variants name=one,task=one,lr=3e-4         # GPU: IoU 0.52 at step 1,000 (~3 min), one process
-    python3 benchmarks/grounding_probe.py --out /tmp/probe_cpu --steps 20 --examples 64 --eval-examples 16 \
+    python3 benchmarks/grounding_probe.py --out /tmp/probe_cpu --steps 20 --examples 64 --eval-examples 16 \\
         --variants name=cpu,px=112 --hidden 128 --layers 2 --vision-depth 1   # CPU check of the script
 """
 
@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from veason_ray.synth.world import BACKDROPS  # noqa: E402
 
+TASKS = ("look", "colour", "one")  # see make_examples
 DEFAULT_VARIANTS = (  # at lr 3e-4 on an H100: one grounds (IoU 0.52 by step 1,000), colour and look not by 2,000
     "name=one,task=one",
     "name=one_vertical,task=one,bg=vertical",
@@ -78,8 +79,8 @@ class Variant:
                 elif key == "lr":
                     fields["lr"] = float(value)
                 elif key == "task":
-                    if value not in ("look", "colour", "one"):
-                        raise ValueError(f"task {value!r} is not look, colour or one")
+                    if value not in TASKS:
+                        raise ValueError(f"task {value!r} is not one of {', '.join(TASKS)}")
                     fields["task"] = value
                 elif key == "px":
                     fields["px"] = int(value)
@@ -98,7 +99,7 @@ class Variant:
 
 
 def make_examples(
-    count: int, seed: int, px: int, task: str, bg: str = "positional"
+    count: int, seed: int, px: int, task: str, bg: str
 ) -> tuple[Any, list[str], list[list[int]]]:
     """`count` frames of the synthetic world resized to px x px (uint8, (N, px, px, 3)), the question about each
     and the integer 560-space box of the visible target. task "look": the target is the only object of its
@@ -110,8 +111,9 @@ def make_examples(
     from veason_ray.synth.world import WorldConfig, simulate_scene
 
     rng = np.random.default_rng(seed)
-    objects = 1 if task == "one" else 3
-    world = WorldConfig(num_frames=4, backdrop=bg, min_objects=objects, max_objects=6 if objects > 1 else 1)
+    world = WorldConfig(num_frames=4, backdrop=bg)
+    if task == "one":
+        world = WorldConfig(num_frames=4, backdrop=bg, min_objects=1, max_objects=1)
     frames, questions, boxes = [], [], []
     while len(frames) < count:
         scene = simulate_scene(rng, world)
