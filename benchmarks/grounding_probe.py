@@ -14,7 +14,9 @@ recipe's) no variant boxed better than a typical box (IoU 0.03-0.07) within 64 K
 setting or task, and 3e-3 diverged; at 3e-4 the single-object task reached IoU 0.52 after 1,000 steps of 64 on an
 H100. The positional backdrop makes it come sooner (tiny CPU model: IoU 0.47 against 0.14 on the vertical one
 after 2,000 steps). Described objects (colour, look: 3-6 objects in the frame) stayed at IoU ~0.03 through
-2,000 steps of 64 at 3e-4, their losses still falling.
+2,000 steps of 64 at 3e-4, their losses still falling; with half the training frames holding one object
+(`one=0.5`) "Box the red object." reached 0.14-0.24 after 1,500-3,000 steps: an object is boxed, the described
+one little better than chance. `--save` writes the trained model as a warm start for `sft_format.py --init`.
 
     python3 benchmarks/grounding_probe.py --out /tmp/probe --steps 5000 --batch 64 --budget-s 510 \\
         --variants name=one,task=one,lr=3e-4         # GPU: IoU 0.52 at step 1,000 (~3 min), one process
@@ -51,7 +53,10 @@ DEFAULT_VARIANTS = (  # at lr 3e-4 on an H100: one grounds (IoU 0.52 by step 1,0
 
 @dataclass(frozen=True)
 class Variant:
-    """One probe run: `name=...` plus any of theta, sections (t/h/w), lr, task (look | colour | one), px, bg."""
+    """One probe run: `name=...` plus any of theta, sections (t/h/w), lr, task (look | colour | one), px, bg and
+    one (the share of training frames that hold one object, mixed into a look or colour task's; evaluation
+    stays on the task's own frames) and every (every=1: every describable object of a training frame is an
+    example of its own, so one frame comes with several questions and answers)."""
 
     name: str
     rope_theta: float = 1e6
@@ -60,6 +65,8 @@ class Variant:
     task: str = "look"
     px: int = 224
     bg: str = "positional"
+    one: float = 0.0
+    every: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -88,23 +95,30 @@ class Variant:
                     if value not in BACKDROPS:
                         raise ValueError(f"bg {value!r} is not one of {', '.join(BACKDROPS)}")
                     fields["bg"] = value
+                elif key == "every":
+                    fields["every"] = value not in ("0", "false", "no")
+                elif key == "one":
+                    fields["one"] = float(value)
+                    if not 0.0 <= fields["one"] <= 1.0:
+                        raise ValueError(f"one={value} is not a share in [0, 1]")
                 else:
                     raise ValueError(f"unknown key {key!r}")
             return cls(**fields)
         except (ValueError, TypeError) as e:
             raise SystemExit(
                 f"grounding_probe: --variants entry {text!r}: {e}; write name=...,theta=...,sections=t/h/w,"
-                "lr=...,task=look|colour|one,px=...,bg=positional|vertical"
+                "lr=...,task=look|colour|one,px=...,bg=positional|vertical,one=0.5,every=1"
             ) from e
 
 
 def make_examples(
-    count: int, seed: int, px: int, task: str, bg: str
+    count: int, seed: int, px: int, task: str, bg: str, every: bool = False
 ) -> tuple[Any, list[str], list[list[int]]]:
     """`count` frames of the synthetic world resized to px x px (uint8, (N, px, px, 3)), the question about each
     and the integer 560-space box of the visible target. task "look": the target is the only object of its
     colour and shape ("Box the red star."); "colour": the only one of its colour ("Box the red object."); "one":
-    the frame holds that one object."""
+    the frame holds that one object. `every`: each object of the frame that can be described becomes an example
+    of its own (the same frame with different questions and answers), instead of one object drawn at random."""
     import cv2
     import numpy as np
 
@@ -124,14 +138,16 @@ def make_examples(
         ]
         if not unique:
             continue
-        i = int(rng.choice(unique))
-        ys, xs = np.nonzero(scene.modal[i, frame])
-        sx, sy = 560 / world.width, 560 / world.height
-        box = [xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy]
-        obj = scene.objects[i]
-        frames.append(cv2.resize(scene.render(frame), (px, px), interpolation=cv2.INTER_LINEAR))
-        questions.append(f"Box the {obj.colour} {obj.shape if task != 'colour' else 'object'}.")
-        boxes.append([int(round(v)) for v in box])
+        image = cv2.resize(scene.render(frame), (px, px), interpolation=cv2.INTER_LINEAR)
+        chosen = rng.permutation(unique).tolist() if every else [int(rng.choice(unique))]  # as before
+        for i in chosen[: count - len(frames)]:
+            ys, xs = np.nonzero(scene.modal[i, frame])
+            sx, sy = 560 / world.width, 560 / world.height
+            box = [xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy]
+            obj = scene.objects[i]
+            frames.append(image)
+            questions.append(f"Box the {obj.colour} {obj.shape if task != 'colour' else 'object'}.")
+            boxes.append([int(round(v)) for v in box])
     return np.stack(frames), questions, boxes
 
 
@@ -153,6 +169,7 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
 
     from benchmarks.sft_format import small_qwen_sizes
     from veason_ray.models.tiny_qwen import build_tiny_processor, qwen2_5_vl_config
+    from veason_ray.models.vision_window_attention import batch_vision_windows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
@@ -164,9 +181,15 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
     )
     torch.manual_seed(args.seed)
     model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision)).to(device)
+    batch_vision_windows(model)  # one attention call per layer for all frames, not one per frame
+    singles = round(args.examples * variant.one) if variant.task != "one" else 0
     train_frames, train_questions, train_boxes = make_examples(
-        args.examples, args.seed, variant.px, variant.task, variant.bg
+        args.examples - singles, args.seed, variant.px, variant.task, variant.bg, variant.every
     )
+    if singles:  # one-object frames mixed in (a seed of their own); the sampler draws from all of them
+        more = make_examples(singles, args.seed + 2, variant.px, "one", variant.bg)
+        train_frames = np.concatenate([train_frames, more[0]])
+        train_questions, train_boxes = train_questions + more[1], train_boxes + more[2]
     eval_frames, eval_questions, eval_boxes = make_examples(
         args.eval_examples, args.seed + 1, variant.px, variant.task, variant.bg
     )
@@ -215,6 +238,22 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
         """`mm_token_type_ids` (1 on image tokens): without it transformers gives the image tokens plain 1-D
         positions instead of Qwen2.5-VL's (t, h, w) M-RoPE positions."""
         return {"mm_token_type_ids": (ids == image_pad).int()}
+
+    def rope_positions(rows: list[list[int]]) -> list[Any]:
+        """Each sequence's (3, length) M-RoPE positions, computed once: HF's get_rope_index walks every sequence
+        in Python, so the training steps pass these instead."""
+        positions = []
+        for k in range(0, len(rows), 256):
+            chunk = rows[k : k + 256]
+            ids, mask = pad(chunk, left=False)
+            found, _ = model.model.get_rope_index(
+                ids, image_grid_thw=thw.repeat(len(chunk), 1), attention_mask=mask, **token_types(ids)
+            )
+            positions += [found[:, r, : len(row)] for r, row in enumerate(chunk)]
+        return positions
+
+    sequences = [p + a for p, a in zip(prompts, answers, strict=True)]
+    positions = rope_positions(sequences)
 
     def evaluate() -> tuple[float, str]:
         model.eval()
@@ -277,12 +316,15 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = rng.integers(0, len(prompts), args.batch).tolist()
-        ids, mask = pad([prompts[i] + answers[i] for i in index], left=False)
+        ids, mask = pad([sequences[i] for i in index], left=False)
+        position_ids = torch.zeros((3, *ids.shape), dtype=torch.long, device=device)
+        for r, i in enumerate(index):
+            position_ids[:, r, : positions[i].shape[1]] = positions[i]
         labels = ids.clone()
         for r, i in enumerate(index):  # answer tokens only
             labels[r, : len(prompts[i])] = -100
         labels[mask == 0] = -100
-        x = {"input_ids": ids, "attention_mask": mask, **token_types(ids), **pixels("train", index)}
+        x = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **pixels("train", index)}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(**x, labels=labels).loss
         loss.backward()
@@ -290,6 +332,12 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if args.save:
+        from benchmarks.sft_format import cap_image_pixels, save_small_qwen
+
+        cap_image_pixels(processor, variant.px * variant.px)
+        saved = save_small_qwen(model, processor, Path(args.save) / variant.name)
+        print(f"[{variant.name}] saved to {saved} (a warm start: sft_format.py --init {saved})", flush=True)
     return {"variant": asdict(variant), "curve": curve}
 
 
@@ -322,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--budget-s", type=float, default=0, help="per variant: stop training after this (0: none)"
+    )
+    parser.add_argument(
+        "--save",
+        default="",
+        help="write each variant's trained model to <save>/<name> (bf16, the processor capped at px x px): a "
+        "grounding warm start for sft_format.py --init",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -101,35 +101,49 @@ def small_qwen_sizes(
     return text_sizes, vision_sizes
 
 
+def cap_image_pixels(processor: Any, image_pixels: int) -> None:
+    """Cap the image processor's pixels per image (112 * 112: 16 visual tokens per frame instead of 400, for CPU
+    checks; 224 * 224: 64). The training, generation and rollout paths all read the processor from the folder."""
+    images = processor.image_processor
+    images.size = {
+        "shortest_edge": min(images.size["shortest_edge"], image_pixels),
+        "longest_edge": image_pixels,
+    }
+    images.max_pixels = image_pixels
+
+
+def save_small_qwen(model: Any, processor: Any, out_dir: Path) -> Path:
+    """Write `model` in bf16 with its processor as a policy folder: generation stops at <|im_end|> or
+    <|endoftext|> and pads with the tokenizer's pad token."""
+    config = model.config
+    model = model.to(torch.bfloat16)
+    model.generation_config.eos_token_id = [config.text_config.eos_token_id, config.text_config.bos_token_id]
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def write_small_qwen(
     out_dir: Path, hidden: int, layers: int, vision_depth: int, seed: int, image_pixels: int = 0
 ) -> Path:
     """A random-init Qwen2.5-VL of the given sizes with the tiny model's tokenizer and processor (as
     `write_tiny_qwen` writes its folder). Heads of 64 (M-RoPE sections [8, 12, 12], Qwen's scaled by 1/2),
     a vision tower of width hidden/2 with full attention in every block. `image_pixels` > 0 caps the image
-    processor's pixels per image (112 * 112: 16 visual tokens per frame instead of 400, for CPU checks); the
-    training, generation and rollout paths all read the processor from the folder."""
+    processor's pixels per image (`cap_image_pixels`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from veason_ray.models.tiny_qwen import build_tiny_processor, qwen2_5_vl_config
 
     processor = build_tiny_processor()
     if image_pixels > 0:
-        images = processor.image_processor
-        images.size = {
-            "shortest_edge": min(images.size["shortest_edge"], image_pixels),
-            "longest_edge": image_pixels,
-        }
-        images.max_pixels = image_pixels
+        cap_image_pixels(processor, image_pixels)
     text_sizes, vision_sizes = small_qwen_sizes(len(processor.tokenizer), hidden, layers, vision_depth)
     config = qwen2_5_vl_config(processor.tokenizer, text_sizes, vision_sizes)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.generation_config.eos_token_id = [config.text_config.eos_token_id, config.text_config.bos_token_id]
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    save_small_qwen(model, processor, out_dir)
     params = sum(p.numel() for p in model.parameters())
     say(
         f"model: {params / 1e6:.1f} M parameters (hidden {hidden}, {layers} layers, vision depth {vision_depth})"
@@ -299,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = longest answer + 64")
     parser.add_argument("--workers", type=int, default=2, help="gloo ranks on CPU (one rank on a GPU)")
+    parser.add_argument(
+        "--init",
+        default="",
+        help="--stage sft starts from this policy folder instead of the data stage's random-init model: a "
+        "grounding warm start (grounding_probe.py --save; same sizes and processor)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -335,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "data":
         say(f"stage data done; next: --stage sft with the same --out and sizes ({out})")
         return 0
+    if args.init:
+        model_dir = Path(args.init).resolve()
+        if not (model_dir / "config.json").exists():
+            raise SystemExit(f"sft_format: --init {model_dir} is no policy folder (no config.json)")
+        say(f"sft: starting from {model_dir} (--init), not the random-init {out / 'model'}")
     if veason(["sft", *sft_overrides(args, on_gpu, out, model_dir, max_new)]) != 0:
         return 1
     summary = json.loads((out / "sft" / "sft_summary.json").read_text())

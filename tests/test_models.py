@@ -121,6 +121,18 @@ def test_tokenizer_round_trips_answers_and_keeps_special_tokens_whole(tiny_dir):
     assert tokenizer.tokenize("559") == ["5", "5", "9"]
 
 
+def test_tokenizer_keeps_the_synthetic_worlds_words_whole():
+    """As in Qwen's own vocabulary, a colour, shape or size word of the synthetic world is one token, so that a
+    small policy ties "purple" to purple pixels without first assembling the word from byte pieces."""
+    from veason_ray.synth.world import COLOURS, SHAPES, SIZES
+
+    tokenizer = build_tiny_tokenizer()
+    for word in (*COLOURS, *SHAPES, *SIZES, *(f"{shape}s" for shape in SHAPES)):
+        pieces = tokenizer.tokenize(f" {word}")
+        assert len(pieces) == 1, (word, pieces)
+    assert len(tokenizer("the small purple triangle")["input_ids"]) == 4
+
+
 def _frames(count: int, size: int = 560) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
+from veason_ray.prompts import render_instruction
 
 apply_cpu_workarounds()
 
@@ -94,13 +95,39 @@ _CORPUS_ANSWERS = (
     '<think>No object matches the expression.</think><answer>{"keyframe_timestamp": 0, '
     '"bbox_2d_list": []}</answer>',
 )
+# The language of the synthetic world (veason_ray/synth: colours, shapes, sizes, events, relations) and of the
+# offline teacher's chains of thought, so that its words are whole tokens, as they are in Qwen's 151 K vocabulary.
+# Trained on the sentences above alone, "purple" was six byte pieces and "triangle" six: a small policy had to
+# assemble a colour word before it could look for that colour, and did not learn to pick the described object
+# out of several (docs/benchmarks.md, "the grounding probe").
+_CORPUS_WORLD = (
+    "the small red circle, the large green square, the blue triangle, the yellow star, the purple shape, the cyan "
+    "object, the two circles, the three squares, all the triangles, the four stars, five shapes, six objects.",
+    "the shape that never moves; the object that stays still the whole time; the shape that leaves the frame; "
+    "the object that moves out of view; which shape is about to leave the scene? the shape that enters the frame; "
+    "the object that comes into view later on; the shape that moves the fastest; which object is moving faster "
+    "than all the others? the shapes moving to the left, to the right, upwards, downwards; the objects travelling "
+    "leftwards, rightwards, heading towards the top of the frame or the bottom of the frame.",
+    "the shape that passes in front of the red circle; the object that covers part of the blue square; the shape "
+    "that goes behind the green star; the object that the yellow triangle partly hides; the shape moving towards "
+    "the purple circle; the object heading for the cyan square; the shape that the red star collides with first; "
+    "the object that first bumps into the blue triangle; the two shapes that collide first; which two objects "
+    "touch each other first?",
+    "The video is shown in 4 frames, from 0s to 13s. The expression 'the small star' refers to one object, which is "
+    "visible at 0s, 5s, 9s and out of sight at 13s. At 5s the target covers about 2.8% of the image and the target "
+    "is nearly as large there as at its largest (9s), so this frame is where it is best represented. In that frame "
+    "there are 2 targets: a small object in the upper left of the frame; a medium-sized object in the centre of "
+    "the frame; a large object in the lower right of the frame; the middle centre.",
+    render_instruction("the red circle", 4),
+)
 TOKENIZER_CORPUS = (
     _CORPUS_SENTENCES * 4
+    + _CORPUS_WORLD * 4
     + _CORPUS_ANSWERS * 8
     + tuple(f"({index}s)" for index in range(0, 200, 7))
     + ('0123456789 [], {} ": .-',) * 8
 )
-TOKENIZER_VOCAB_SIZE = 1024  # an upper bound: merges run out on this corpus at about 560 tokens
+TOKENIZER_VOCAB_SIZE = 1024  # an upper bound: merges run out on this corpus at 830 tokens
 
 # Qwen2.5-VL-Instruct's image processor limits (preprocessor_config.json).
 MIN_PIXELS = 56 * 56
