@@ -318,11 +318,10 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
         index = rng.integers(0, len(prompts), args.batch).tolist()
         ids, mask = pad([sequences[i] for i in index], left=False)
         position_ids = torch.zeros((3, *ids.shape), dtype=torch.long, device=device)
+        labels = ids.clone()
         for r, i in enumerate(index):
             position_ids[:, r, : positions[i].shape[1]] = positions[i]
-        labels = ids.clone()
-        for r, i in enumerate(index):  # answer tokens only
-            labels[r, : len(prompts[i])] = -100
+            labels[r, : len(prompts[i])] = -100  # answer tokens only
         labels[mask == 0] = -100
         x = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **pixels("train", index)}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
