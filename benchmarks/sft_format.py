@@ -161,9 +161,11 @@ def answer_token_lengths(records_path: Path, model_dir: Path) -> list[int]:
     return [len(tokenizer(r["messages"][2]["content"])["input_ids"]) + 1 for r in read_jsonl(records_path)]
 
 
-def prepare_data(out: Path, videos: int, frames: int, seed: int) -> Path:
-    """A fresh synthetic world under <out>/data and its offline-teacher CoT records under <out>/cot; the
-    records file."""
+def prepare_data(
+    out: Path, videos: int, frames: int, seed: int, min_objects: int = 3, max_objects: int = 6
+) -> Path:
+    """A fresh synthetic world under <out>/data (`min_objects` to `max_objects` objects per scene) and its
+    offline-teacher CoT records under <out>/cot; the records file."""
     from pipelines.cli import main as veason
     from veason_ray.synth.writer import write_synthetic_dataset
 
@@ -178,6 +180,8 @@ def prepare_data(out: Path, videos: int, frames: int, seed: int) -> Path:
         width=320,
         seed=seed,
         valid_fraction=0.1,
+        min_objects=min_objects,
+        max_objects=max_objects,
     )
     cot = [
         "cot",
@@ -194,7 +198,9 @@ def prepare_data(out: Path, videos: int, frames: int, seed: int) -> Path:
 
 
 DATA_DONE = "data_stage.json"  # written once model, world and CoT records are complete
-DATA_ARGS = ("videos", "frames", "hidden", "layers", "vision_depth", "image_pixels", "seed")
+DATA_ARGS = (
+    "videos", "frames", "min_objects", "max_objects", "hidden", "layers", "vision_depth", "image_pixels", "seed"
+)  # fmt: skip
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -278,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--videos", type=int, default=1200)
     parser.add_argument("--frames", type=int, default=4, help="frames per CoT record (method: up to 7)")
+    parser.add_argument(
+        "--min-objects",
+        type=int,
+        default=3,
+        help="objects per scene of the world, at least (world default 3)",
+    )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=6,
+        help="objects per scene, at most (world default 6); 1 and 1: every target is the scene's only object",
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vision-depth", type=int, default=4)
@@ -334,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, records = out / "model", out / "cot" / "cot.jsonl"
     if args.stage in ("data", "all"):
         write_small_qwen(model_dir, args.hidden, args.layers, args.vision_depth, args.seed, args.image_pixels)
-        prepare_data(out, args.videos, args.frames, args.seed)
+        prepare_data(out, args.videos, args.frames, args.seed, args.min_objects, args.max_objects)
         (out / DATA_DONE).write_text(json.dumps(data_settings(args)) + "\n")
     else:
         check_data_stage(out, args)

@@ -48,6 +48,8 @@ def ensure_dataset(cfg: VeasonConfig) -> str:
         width=synth.width,
         seed=synth.seed,
         valid_fraction=synth.valid_fraction,
+        min_objects=synth.min_objects,
+        max_objects=synth.max_objects,
     )
     return f"dataset: {root} (synthetic, written now: {summary.num_videos} videos)"
 

@@ -20,7 +20,7 @@ Cache (``data.cache_uri``, local or s3://): the first pass writes each decoded b
 ``<cache_uri>/<split>-<mode>-<key>/parts/`` and, once the stream is fully consumed, ``_SUCCESS.json``; later
 passes read the Parquet files instead of decoding. ``key`` hashes the dataset (kind, root, split, expression
 keys), the sampling config, the video format and CACHE_FORMAT. Training rows hold the *candidate* frames of each
-expression (every frame any epoch's keyframe draw can pick, at most N + k - 1), so every epoch's sample is exact.
+expression (every frame any epoch's keyframe draw can pick, at most N * k), so every epoch's sample is exact.
 """
 
 from __future__ import annotations

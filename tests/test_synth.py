@@ -346,3 +346,36 @@ def test_vertical_backdrop_is_kept_and_an_unknown_one_is_refused():
     assert (scene.background == scene.background[:, :1]).all()  # constant along each row
     with pytest.raises(ValueError, match="WorldConfig.backdrop"):
         WorldConfig(backdrop="checkerboard")
+
+
+# --- objects per scene --------------------------------------------------------------------------------
+
+
+def test_one_object_scenes_have_true_expressions_and_the_cli_writes_them(tmp_path, capsys):
+    """A world of single-object scenes (the learning run's curriculum): every scene holds one object, every
+    expression is still true of it (no comparison needs a second object), and `veason synth` writes it."""
+    cfg = WorldConfig(height=96, width=128, num_frames=10, min_objects=1, max_objects=1)
+    predicates = set()
+    for index in range(30):
+        scene, generated = simulate_video(11, index, cfg)
+        assert len(scene.objects) == 1
+        assert {g.type_id for g in generated} >= {0}
+        for g in generated:
+            _check(scene, g)
+            assert g.targets in ((), (0,))
+            predicates.add(g.predicate)
+    assert "fastest" not in predicates and "collide_first" not in predicates
+    assert {"attributes", "absent_attributes"} <= predicates
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "one"
+    argv = ["--out", str(out), "--videos", "3", "--frames", "5", "--height", "96", "--width", "128"]
+    assert cli.run(parser.parse_args([*argv, "--min-objects", "1", "--max-objects", "1"])) == 0
+    meta = json.loads((out / "meta_expressions_train_.json").read_text())["videos"]
+    for video in meta.values():  # every expression with a target names the video's one object (obj_id 0)
+        targets = {o for e in video["expressions"].values() if e["type_id"] != 2 for o in e["obj_id"]}
+        assert targets == {0}
+    with pytest.raises(ValueError, match="min_objects 3, max_objects 2"):
+        WorldConfig(min_objects=3, max_objects=2)
+    capsys.readouterr()

@@ -70,6 +70,10 @@ class SynthConfig:
     frames: int = 16
     height: int = 240
     width: int = 320
+    min_objects: int = 3  # objects per scene, drawn uniformly in [min_objects, max_objects]; fewer objects,
+    max_objects: int = (
+        6  # fewer distractors: 1 makes every expression's target the only object (a curriculum)
+    )
     valid_fraction: float = 0.25
     seed: int = 0
 

@@ -2,7 +2,8 @@
 
 Training: a keyframe drawn at random from the 5 frames with the largest ground-truth union mask, and exactly N
 frames in all (default 6) spread evenly over the video with the keyframe among them (ours; the release asks for
-6 and gets at most 5). Evaluation: N evenly spaced frames (release: 8, numpy linspace). Frame indices are
+6 and gets at most 5), on an evenly spaced grid through the keyframe, so that no frame stands out by its
+position (ours; see :func:`spread_frames`). Evaluation: N evenly spaced frames (release: 8, numpy linspace). Frame indices are
 positions in the video's frame list, ascending; they are also the prompt's timestamps.
 """
 
@@ -42,8 +43,13 @@ def top_area_frames(mask_areas: Sequence[int] | np.ndarray, count: int = KEYFRAM
 def spread_frames(num_video_frames: int, num_frames: int, keyframe: int) -> tuple[int, ...]:
     """Exactly min(num_frames, num_video_frames) distinct indices spread evenly over the video, keyframe included.
 
-    The video is cut into num_frames equal segments (frame x belongs to segment floor(x * N / L)); each segment
-    contributes its middle frame, except the keyframe's segment, which contributes the keyframe."""
+    The video is cut into N equal segments (frame x belongs to segment floor(x * N / L)); the keyframe lies in
+    segment p, and frame j is keyframe + floor((j - p) * L / N): one frame per segment, a grid of stride L / N
+    through the keyframe, so every frame is as regular as the keyframe and no timestamp tells which one it is.
+    (An earlier rule took each other segment's middle frame: the keyframe was then the one timestamp off the
+    middles, and on videos of one length a policy learned to pick the odd one out, a training reward that did
+    not carry to evenly spaced evaluation frames; docs/benchmarks.md, "Learning, measured".) Each keyframe
+    candidate brings its own grid, so a sample's candidate frames number up to N * k instead of N + k - 1."""
     if not 0 <= keyframe < num_video_frames:
         raise ValueError(f"keyframe {keyframe} outside a video of {num_video_frames} frames")
     if num_frames < 1:
@@ -51,12 +57,9 @@ def spread_frames(num_video_frames: int, num_frames: int, keyframe: int) -> tupl
     if num_video_frames <= num_frames:
         return tuple(range(num_video_frames))
     length, n = num_video_frames, num_frames
-    picked = []
-    for segment in range(n):
-        first = -(-segment * length // n)
-        last = -(-(segment + 1) * length // n) - 1
-        picked.append(keyframe if first <= keyframe <= last else (first + last) // 2)
-    return tuple(picked)
+    slot = keyframe * n // length
+    # exact integer floors: >= 0 and < length because the keyframe lies in segment `slot`; distinct as L > N
+    return tuple(keyframe + (j - slot) * length // n for j in range(n))
 
 
 def sample_training_frames(

@@ -10,7 +10,7 @@ Only the sampled frames are decoded (:mod:`veason_ray.video_decoding`), resized 
 GT union masks at 560 (nearest) and the per-object GT boxes in 560 space (:func:`ground_truth_boxes_560`).
 
 A :class:`FrameMaterial` is the decoded part of a sample at a set of frames. Built at the *candidate* frames (every
-frame any epoch's draw can pick: at most N + k - 1), it gives the exact sample of every epoch without decoding
+frame any epoch's draw can pick: at most N * k), it gives the exact sample of every epoch without decoding
 again; the frame cache of ``pipelines/frame_stream.py`` stores these.
 """
 
@@ -107,7 +107,7 @@ def choose_frames(
 
 def candidate_frames(spec: SamplingSpec, num_video_frames: int, areas: np.ndarray | None) -> tuple[int, ...]:
     """Every frame index a draw of :func:`choose_frames` can return, ascending (eval: the N frames; train: the
-    union of the spreads around each keyframe candidate, at most N + k - 1)."""
+    union of the spreads around each keyframe candidate, at most N * k)."""
     if spec.mode == "eval":
         return sample_evaluation_frames(num_video_frames, spec.num_frames)
     if areas is None:

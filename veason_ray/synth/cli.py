@@ -22,6 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--height", type=int, default=d.height, help=f"frame height, px (default: {d.height})"
     )
     parser.add_argument("--width", type=int, default=d.width, help=f"frame width, px (default: {d.width})")
+    parser.add_argument(
+        "--min-objects",
+        type=int,
+        default=d.min_objects,
+        help=f"objects per scene, at least (default: {d.min_objects})",
+    )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=d.max_objects,
+        help=f"objects per scene, at most (default: {d.max_objects})",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same bytes (default: {d.seed})")
     parser.add_argument(
         "--valid-fraction",
@@ -42,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         seed=args.seed,
         valid_fraction=args.valid_fraction,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
     )
     print(summary.to_text())
     return 0

@@ -106,6 +106,9 @@ def _enters(scene: Scene) -> dict[int, bool | None]:
 
 
 def _fastest(scene: Scene) -> dict[int, bool | None]:
+    """Targets: the one clearly fastest object, when there are at least two to compare."""
+    if len(scene.objects) < 2:
+        return {i: None for i in range(len(scene.objects))}
     speeds = np.array([o.speed for o in scene.objects])
     order = np.argsort(-speeds, kind="stable")
     best, second = speeds[order[0]], speeds[order[1]]

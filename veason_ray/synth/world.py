@@ -193,6 +193,11 @@ class WorldConfig:
     backdrop: str = "positional"
 
     def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"WorldConfig objects per scene: min_objects {self.min_objects}, max_objects {self.max_objects}; "
+                "need 1 <= min_objects <= max_objects"
+            )
         if self.backdrop not in BACKDROPS:
             raise ValueError(f"WorldConfig.backdrop is {self.backdrop!r}; use one of {', '.join(BACKDROPS)}")
 

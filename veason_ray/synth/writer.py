@@ -209,11 +209,14 @@ def write_synthetic_dataset(
     seed: int = _DEFAULTS.seed,
     valid_fraction: float = _DEFAULTS.valid_fraction,
     storage: StorageConfig | None = None,
+    min_objects: int = _DEFAULTS.min_objects,
+    max_objects: int = _DEFAULTS.max_objects,
 ) -> SynthSummary:
     """Simulate ``num_videos`` videos and write them with their expressions and masks under ``out_dir`` (a
     local folder or s3:// prefix) in the ``layout`` ("revos" or "reasonvos"). ``valid_fraction`` of the videos
     go to the ReVOS valid split (at least one and not all of them when it is positive); ReasonVOS has one
-    split. Existing files of the same names are replaced; others are left alone."""
+    split. Each scene holds ``min_objects`` to ``max_objects`` objects. Existing files of the same names are
+    replaced; others are left alone."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
     if num_videos < 1 or num_frames < 2:
@@ -224,7 +227,9 @@ def write_synthetic_dataset(
         raise ValueError(f"valid_fraction {valid_fraction}: expected a value in [0, 1]")
     out = str(out_dir)
     store = store_for(out, storage)
-    cfg = WorldConfig(height=height, width=width, num_frames=num_frames)
+    cfg = WorldConfig(
+        height=height, width=width, num_frames=num_frames, min_objects=min_objects, max_objects=max_objects
+    )
     summary = SynthSummary(out, layout, num_videos, num_frames, height, width, seed)
     if layout == "revos":
         _write_revos(store, summary, cfg, _valid_videos(num_videos, valid_fraction, seed))
