@@ -70,10 +70,10 @@ class SynthConfig:
     frames: int = 16
     height: int = 240
     width: int = 320
-    min_objects: int = 3  # objects per scene, drawn uniformly in [min_objects, max_objects]; fewer objects,
-    max_objects: int = (
-        6  # fewer distractors: 1 makes every expression's target the only object (a curriculum)
-    )
+    # objects per scene, drawn uniformly in [min_objects, max_objects]; 1 and 1 make every expression's target
+    # the scene's only object (the learning run's world: no distractors to tell apart)
+    min_objects: int = 3
+    max_objects: int = 6
     valid_fraction: float = 0.25
     seed: int = 0
 

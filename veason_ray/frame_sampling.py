@@ -3,8 +3,8 @@
 Training: a keyframe drawn at random from the 5 frames with the largest ground-truth union mask, and exactly N
 frames in all (default 6) spread evenly over the video with the keyframe among them (ours; the release asks for
 6 and gets at most 5), on an evenly spaced grid through the keyframe, so that no frame stands out by its
-position (ours; see :func:`spread_frames`). Evaluation: N evenly spaced frames (release: 8, numpy linspace). Frame indices are
-positions in the video's frame list, ascending; they are also the prompt's timestamps.
+position (ours; see :func:`spread_frames`). Evaluation: N evenly spaced frames (release: 8, numpy linspace).
+Frame indices are positions in the video's frame list, ascending; they are also the prompt's timestamps.
 """
 
 from __future__ import annotations
