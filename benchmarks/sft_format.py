@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
     os.environ.setdefault(_key, _value)
 
-from veason_ray.config import SynthConfig  # noqa: E402
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds  # noqa: E402
+from veason_ray.synth.cli import add_object_arguments  # noqa: E402
 
 apply_cpu_workarounds()
 
@@ -162,17 +162,7 @@ def answer_token_lengths(records_path: Path, model_dir: Path) -> list[int]:
     return [len(tokenizer(r["messages"][2]["content"])["input_ids"]) + 1 for r in read_jsonl(records_path)]
 
 
-WORLD = SynthConfig()  # the synthetic world's defaults (objects per scene)
-
-
-def prepare_data(
-    out: Path,
-    videos: int,
-    frames: int,
-    seed: int,
-    min_objects: int = WORLD.min_objects,
-    max_objects: int = WORLD.max_objects,
-) -> Path:
+def prepare_data(out: Path, videos: int, frames: int, seed: int, min_objects: int, max_objects: int) -> Path:
     """A fresh synthetic world under <out>/data (`min_objects` to `max_objects` objects per scene) and its
     offline-teacher CoT records under <out>/cot; the records file."""
     from pipelines.cli import main as veason
@@ -293,18 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--videos", type=int, default=1200)
     parser.add_argument("--frames", type=int, default=4, help="frames per CoT record (method: up to 7)")
-    parser.add_argument(
-        "--min-objects",
-        type=int,
-        default=WORLD.min_objects,
-        help=f"objects per scene of the world, at least (default {WORLD.min_objects})",
-    )
-    parser.add_argument(
-        "--max-objects",
-        type=int,
-        default=WORLD.max_objects,
-        help=f"objects per scene, at most (default {WORLD.max_objects}); 1 and 1: every target is the only object",
-    )
+    add_object_arguments(parser)  # the world's objects per scene, as `veason synth`
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vision-depth", type=int, default=4)

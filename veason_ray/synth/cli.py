@@ -8,6 +8,23 @@ from veason_ray.config import SynthConfig
 from veason_ray.synth.writer import LAYOUTS, write_synthetic_dataset
 
 
+def add_object_arguments(parser: argparse.ArgumentParser) -> None:
+    """--min-objects / --max-objects: how many objects a scene holds (also benchmarks/sft_format.py's world)."""
+    d = SynthConfig()
+    parser.add_argument(
+        "--min-objects",
+        type=int,
+        default=d.min_objects,
+        help=f"objects per scene, at least (default: {d.min_objects})",
+    )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=d.max_objects,
+        help=f"objects per scene, at most (default: {d.max_objects}); 1 and 1: every target is the only object",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
@@ -22,18 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--height", type=int, default=d.height, help=f"frame height, px (default: {d.height})"
     )
     parser.add_argument("--width", type=int, default=d.width, help=f"frame width, px (default: {d.width})")
-    parser.add_argument(
-        "--min-objects",
-        type=int,
-        default=d.min_objects,
-        help=f"objects per scene, at least (default: {d.min_objects})",
-    )
-    parser.add_argument(
-        "--max-objects",
-        type=int,
-        default=d.max_objects,
-        help=f"objects per scene, at most (default: {d.max_objects})",
-    )
+    add_object_arguments(parser)
     parser.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same bytes (default: {d.seed})")
     parser.add_argument(
         "--valid-fraction",
