@@ -22,17 +22,15 @@ import dataclasses
 import itertools
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from actors.request_batching import RequestBatcher
 from veason_ray.config import RewardConfig, StorageConfig
 from veason_ray.records import PromptGroup, Rollout, Scored
 from veason_ray.rewards import score_response
@@ -59,8 +57,9 @@ class SAM2RewardWorker:
         self.propagator = build_mask_propagator(
             reward_cfg, device=self.device, storage=storage, cache_dir=cache_dir, batched=True
         )
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="reward-scoring", daemon=True).start()
+        self._batcher = RequestBatcher(
+            self._score_batch, reward_cfg.max_groups_per_batch, reward_cfg.batch_wait_s, "reward-scoring"
+        )
 
     def ready(self) -> str:
         """This incarnation of the actor: process id and device (answers once the model is loaded)."""
@@ -71,33 +70,12 @@ class SAM2RewardWorker:
         from veason_ray.models.group_scoring import GroupInput
 
         frames = group.sample.resolve_frames(ray.get)
-        done: Future = Future()
-        self._queue.put((GroupInput(group, list(rollouts), frames), done))
-        return done.result()
+        return self._batcher.submit(GroupInput(group, list(rollouts), frames))
 
-    def _next_batch(self) -> list[tuple[Any, Future]]:
-        batch = [self._queue.get()]
-        deadline = time.monotonic() + self.cfg.batch_wait_s
-        while len(batch) < self.cfg.max_groups_per_batch:
-            try:
-                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return batch
-
-    def _serve(self) -> None:
+    def _score_batch(self, items: list[Any]) -> list[list[Scored]]:
         from veason_ray.models.group_scoring import score_groups
 
-        while True:
-            batch = self._next_batch()
-            try:
-                results = score_groups([item for item, _ in batch], self.propagator, self.cfg.weights)
-            except BaseException as error:  # noqa: BLE001 - handed to the callers, the loop goes on
-                for _, done in batch:
-                    done.set_exception(error)
-                continue
-            for (_, done), scored in zip(batch, results, strict=True):
-                done.set_result(scored)
+        return score_groups(items, self.propagator, self.cfg.weights)
 
 
 @dataclass

@@ -53,7 +53,9 @@ from actors.engine_health import (
     watch_engine_core,
 )
 from actors.weight_sync import engine_weight_checksum, reload_weights_from_file, with_tied_head
-from veason_ray.config import RolloutConfig, SamplingConfig
+from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig
+from veason_ray.inference import AnswerGenerator, PolicyInput
+from veason_ray.prompts import answer_regex
 from veason_ray.records import PromptGroup, Rollout
 from veason_ray.training.sequences import vision_token_ids
 from veason_ray.weight_transport import WeightBucket, WeightChecksum, unpack_bucket
@@ -161,14 +163,42 @@ def rollout_sampling_params(
     )
 
 
-def vllm_prompt(processor: Any, group: PromptGroup) -> dict[str, Any]:
-    """A group's prompt as vLLM takes it: the chat-template text with image placeholders, and its frames."""
+def vllm_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A chat prompt as vLLM takes it: the chat-template text with image placeholders, and its images."""
     from veason_ray.models.hf_policy import split_images
 
-    frames = group.sample.resolve_frames(ray.get)
-    stripped, images = split_images(group.sample.messages(frames))
+    stripped, images = split_images(messages)
     text = processor.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
     return {"prompt": text, "multi_modal_data": {"image": images}}
+
+
+def group_prompt(processor: Any, group: PromptGroup) -> dict[str, Any]:
+    """A GRPO group's prompt (its frames resolved from Ray's object store when they travel by reference)."""
+    return vllm_prompt(processor, group.sample.messages(group.sample.resolve_frames(ray.get)))
+
+
+def answer_sampling_params(
+    settings: InferenceConfig, frame_indices: Sequence[int], logit_bias: dict[int, float] | None = None
+) -> Any:
+    """vLLM's SamplingParams for one inference answer: greedy unless `inference.temperature` > 0, and with
+    `inference.constrain_answer` the answer format as a regular expression (vLLM's structured outputs)."""
+    from vllm import SamplingParams
+
+    kwargs: dict[str, Any] = {}
+    if settings.constrain_answer:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        pattern = answer_regex(
+            frame_indices, settings.constrained_think_chars, settings.constrained_max_boxes
+        )
+        kwargs["structured_outputs"] = StructuredOutputsParams(regex=pattern)
+    return SamplingParams(
+        n=1,
+        temperature=settings.temperature,
+        max_tokens=settings.max_new_tokens,
+        logit_bias=logit_bias,
+        **kwargs,
+    )
 
 
 def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
@@ -351,7 +381,7 @@ class RolloutEngine:
             return []
         from vllm import SamplingParams
 
-        prompts = [vllm_prompt(self.processor, g) for g in groups]
+        prompts = [group_prompt(self.processor, g) for g in groups]
         stats = {"warmup_prompt_tokens": 0, "warmup_cached_tokens": 0, "warmup_seconds": 0.0}
         if (self.cfg.prefill_first if prefill_first is None else prefill_first) and n > 1:
             start, before = time.perf_counter(), prefix_counters(self.llm)
@@ -423,6 +453,23 @@ class RolloutEngine:
             ]
             for group, output in zip(groups, outputs, strict=True)
         ]
+
+    def answer(self, inputs: Sequence[PolicyInput], settings: InferenceConfig) -> list[str]:
+        """Inference: one answer per policy input (frames + frame indices + query, no ground truth), greedy
+        unless `settings.temperature` > 0; vLLM batches them all. Vision tokens are never sampled when
+        `rollout.suppress_vision_tokens` (as in training)."""
+        if not inputs:
+            return []
+        prompts = [vllm_prompt(self.processor, item.messages()) for item in inputs]
+        bias = {i: _BANNED_LOGIT for i in self.vision_token_ids} if self.cfg.suppress_vision_tokens else None
+        params = [answer_sampling_params(settings, item.frame_indices, bias) for item in inputs]
+        outputs = self._run(prompts, params)
+        completions = [out.outputs[0] for out in outputs]
+        self._last_stats = {
+            "answers": float(len(completions)),
+            "answer_tokens": float(sum(len(c.token_ids) for c in completions)),
+        }
+        return [c.text for c in completions]
 
     def last_generate_stats(self) -> dict[str, float]:
         """The last generate call. Prefix cache, in prompt tokens: `prompt_tokens` / `cached_tokens` over the n
@@ -538,3 +585,14 @@ class RolloutEngine:
         if not self.on_gpu:
             return "vLLM's CPU worker has no sleep mode (its sleep/wake_up only log a warning); memory stays"
         return "rollout.enable_sleep_mode is false"
+
+
+class EngineAnswerGenerator(AnswerGenerator):
+    """The inference seam on a rollout engine in this process (`veason infer`, the evaluation's policy stage):
+    the same vLLM engine code that samples GRPO groups answers inference inputs."""
+
+    def __init__(self, engine: RolloutEngine, settings: InferenceConfig):
+        self.engine, self.settings = engine, settings
+
+    def answer(self, inputs: Sequence[PolicyInput]) -> list[str]:
+        return self.engine.answer(inputs, self.settings)

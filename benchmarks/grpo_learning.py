@@ -89,10 +89,8 @@ TINY_OVERRIDES = [
     "reward.actors=1",
     "data.num_frames=2",
     "data.eval_num_frames=2",
-    "eval.max_new_tokens=48",
-    "eval.shards=2",
-    "eval.gpus_per_shard=0",
-    "eval.write_overlays=1",
+    "inference.max_new_tokens=48",
+    "eval.worst_overlays=1",
     "trainer.sample_images_every=1",
 ]
 
@@ -138,7 +136,7 @@ def evaluate_once(cfg: Any, folder: Path, what: str) -> dict[str, Any]:
     init_ray(cfg.placement)
     report = run_evaluation(cfg, folder)
     say(f"{what}:\n{format_report(report)}")
-    return report.summary()
+    return report.summary
 
 
 def run_grpo(cfg: Any, out: Path) -> dict[str, Any]:

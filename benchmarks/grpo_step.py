@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -43,7 +42,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_D
 
 import ray  # noqa: E402
 
-from benchmarks.rollout import make_groups, write_random_3b  # noqa: E402
+from benchmarks.rollout import make_groups, write_random_3b_in_child  # noqa: E402
 from pipelines.grpo import Batch, GRPODriver  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 from veason_ray.config_loading import load_config, save_config  # noqa: E402
@@ -144,14 +143,7 @@ def write_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 
         policy = write_tiny_qwen(work / "qwen2_5_vl_tiny", seed=0)
     else:
-        # In a child process: it builds the model on the GPU, and its CUDA context and cached blocks must be
-        # gone before the engines and the learner measure free memory.
-        policy = work / "qwen2_5_vl_3b_random"
-        child = multiprocessing.get_context("spawn").Process(target=write_random_3b, args=(policy,))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"writing the random 3B policy failed (exit code {child.exitcode})")
+        policy = write_random_3b_in_child(work / "qwen2_5_vl_3b_random")
     sam2 = write_tiny_sam2(work / "sam2_hiera_t", seed=0, image_size=256 if args.tiny else 1024)
     return policy, sam2
 

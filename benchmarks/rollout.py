@@ -6,7 +6,7 @@ Default (GPU): a random-init Qwen2.5-VL-3B built from its configuration (real sh
   1. HF generate on a few of the same prompts (`--hf-prompts`, `--hf-max-new-tokens`: HF at full size does not
      fit one 10-minute call), while the GPU is still empty; its ratio to our pool is printed at the end.
   2. bare vLLM in a subprocess (its GPU memory is free once it exits): vLLM's `LLM` built from the pool's own
-     engine arguments (`engine_args`), on the same prompts (`vllm_prompt`) with the same SamplingParams
+     engine arguments (`engine_args`), on the same prompts (`group_prompt`) with the same SamplingParams
      (`rollout_sampling_params`); only `llm.generate` is timed. Then (`--bare-passes`) vLLM's per-token Logprob
      dicts with detokenization (what the pool asked for before), and no log-probs at all. Its torch.compile
      cache is the one the pool's engines start from.
@@ -142,6 +142,19 @@ def write_random_3b(out_dir: Path) -> Path:
     return out_dir
 
 
+def write_random_3b_in_child(out_dir: Path) -> Path:
+    """`write_random_3b` in a spawned process: it builds the model on the GPU, and its CUDA context and cached
+    blocks must be gone before engines and learners measure free memory."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=write_random_3b, args=(out_dir,))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"writing the random 3B policy failed (exit code {child.exitcode})")
+    return out_dir
+
+
 def make_groups(count: int, frames: int, size: int) -> list[PromptGroup]:
     rng = np.random.default_rng(0)
     groups = []
@@ -209,10 +222,10 @@ def bare_vllm(args: argparse.Namespace, table: Table) -> None:
     from actors.rollout import (
         apply_engine_env,
         engine_args,
+        group_prompt,
         prefix_counters,
         reset_engine_caches,
         rollout_sampling_params,
-        vllm_prompt,
     )
 
     cfg, on_gpu = rollout_config(args), torch.cuda.is_available()
@@ -224,7 +237,7 @@ def bare_vllm(args: argparse.Namespace, table: Table) -> None:
     llm = LLM(**engine_args(args.model, cfg, on_gpu, seed=0))
     table.add("bare vLLM: engine start s (the call's first engine)", f"{time.perf_counter() - start:.1f}")
     processor = AutoProcessor.from_pretrained(args.model)
-    prompts = [vllm_prompt(processor, g) for g in make_groups(args.prompts, args.frames, args.size)]
+    prompts = [group_prompt(processor, g) for g in make_groups(args.prompts, args.frames, args.size)]
     llm.generate(prompts, rollout_sampling_params(WARM_UP, args.n), use_tqdm=False)
     s = cfg.sampling
     passes = {

@@ -5,6 +5,9 @@ veason tiny-models --out models          write the tiny random-init Qwen2.5-VL a
 veason config [CONFIG] [key=value ...]   print the resolved configuration
 veason demo [CONFIG] [key=value ...]     the embedded default, end to end on a local Ray cluster
 veason grpo CONFIG [key=value ...]       GRPO training (the main job; `ray job submit -- veason grpo ...`)
+veason infer CONFIG input=V query="..."  segment one video (an .mp4, a JPEG folder, or s3://)
+veason eval CONFIG [key=value ...]       evaluate a policy on a benchmark split (J, F, J&F, R)
+veason compare RUN_A RUN_B               compare two evaluation runs
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("pipelines.sample", "write a stratified subset of the training expressions (CoT data)"),
     "cot": ("pipelines.cot", "generate chain-of-thought SFT records with a teacher VLM (or offline)"),
     "sft": ("pipelines.sft", "CoT-SFT of the policy on Ray Train + DeepSpeed; exports the HF folder"),
+    "infer": ("pipelines.infer", 'segment one video: input=VIDEO query="..." -> masks, RLE, overlay video'),
+    "eval": ("pipelines.evaluate", "evaluate a policy on a benchmark split (Ray Data job, resumable)"),
+    "compare": ("pipelines.eval_compare", "compare two evaluation runs: a table per subset and a chart"),
 }
 
 

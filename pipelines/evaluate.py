@@ -1,137 +1,300 @@
-"""Evaluation driver: a policy checkpoint and SAM2 on a dataset split, spread over a pool of EvaluatorActors.
+"""`veason eval`: a policy checkpoint on a benchmark split (ReVOS, MeViS, ReasonVOS; local or s3://), as one
+Ray Data job over the split's videos (the stages are in pipelines/eval_stages.py):
 
-Writes `results.jsonl` (one line per expression: answer, reward parts, J, F, R), `summary.json` (the subset
-table of method.md section 7 and mean reward parts) and overlay PNGs of a few expressions.
+    videos -> PolicyViewReader -> PolicyAnswerer (vLLM engines) -> FrameReader -> MaskPredictor (SAM2) ->
+    ExpressionScorer -> results.jsonl, one line per expression as it finishes
+
+Each expression is evaluated once across all the engines and GPUs given. A rerun into the same folder skips
+the expressions already in results.jsonl (a crashed or preempted run resumes; with `eval.retry_failed`, failed
+ones are tried again). A failing expression (corrupt video, engine error) is a result with its `error`, counted
+apart and kept out of the means. Outputs in `eval.output_dir`: results.jsonl, summary.json and summary.md
+(exactly the benchmark's subsets), masks/<video>/<exp_id>/<frame>.png (the public evaluation tools' layout),
+overlays/ (videos of `eval.overlays` and of the `eval.worst_overlays` lowest-J&F expressions).
 """
 
 from __future__ import annotations
 
+import _thread
+import argparse
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
-from actors.evaluator import EvaluatorActor
+from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.eval_stages import (
+    ExpressionScorer,
+    FrameReader,
+    MaskPredictor,
+    PolicyAnswerer,
+    PolicyViewReader,
+    draw_overlay,
+    overlay_name,
+    video_items,
+)
 from veason_ray.config import VeasonConfig
-from veason_ray.datasets import ExpressionRecord, open_dataset
+from veason_ray.datasets import open_dataset, select_expressions
+from veason_ray.eval_summary import format_summary, summarise_results, summary_markdown
 from veason_ray.evaluation import ExpressionResult
-from veason_ray.metrics import ExpressionScore, SubsetScore, revos_summary, subset_mean
+from veason_ray.inference import check_answer_budget
+from veason_ray.object_store import is_s3_uri
 
-REWARD_PARTS = ("format", "keyframe", "spatial", "consistency", "total")
+log = logging.getLogger(__name__)
+RESULTS = "results.jsonl"
 
 
 @dataclass
 class EvaluationReport:
+    """A finished run: every selected expression's result and the summary document."""
+
     results: list[ExpressionResult]
-    subsets: dict[str, SubsetScore]
-    rewards: dict[str, float]
-    parse_rate: float
+    summary: dict[str, Any]
     output_dir: Path
-    oracle: dict[str, float] | None = None
-
-    def summary(self) -> dict:
-        return {
-            "expressions": len(self.results),
-            "subsets": {name: asdict(score) for name, score in self.subsets.items()},
-            "rewards": self.rewards,
-            "parse_rate": self.parse_rate,
-            "oracle": self.oracle,
-        }
 
 
-def select_expressions(records: list[ExpressionRecord], types: list[int], limit: int, seed: int) -> list:
-    """Expressions of the wanted types (records without a type are kept); with a limit, a seeded sample spread
-    over the split, in dataset order."""
-    chosen = [r for r in records if r.type_id is None or r.type_id in types]
-    if 0 < limit < len(chosen):
-        picked = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
-        chosen = [chosen[i] for i in sorted(picked)]
-    return chosen
+def eval_output_dir(cfg: VeasonConfig) -> Path:
+    folder = cfg.eval.output_dir or str(Path(cfg.run.output_dir) / "eval")
+    if is_s3_uri(folder):
+        raise SystemExit(
+            f"eval.output_dir {folder}: evaluation writes results as they come to a local (or shared) folder; "
+            "set eval.output_dir to a local path (the dataset and the model may stay on s3://)"
+        )
+    return Path(folder)
 
 
-def summarise(
-    results: list[ExpressionResult], typed: bool
-) -> tuple[dict[str, SubsetScore], dict[str, float]]:
-    """The subset table (ReVOS: referring / reasoning / overall; otherwise all) and mean reward parts."""
-    scores = [ExpressionScore(r.j, r.f, r.type_id, r.r_release, r.r_corrected) for r in results]
-    subsets = revos_summary(scores) if typed else {"all": subset_mean(scores)}
-    no_target = [s for s in scores if s.type_id == 2]
-    if no_target:
-        subsets["no-target (type 2)"] = subset_mean(no_target)
-    rewards = {
-        part: float(np.mean([r.rewards[part] for r in results])) if results else math.nan
-        for part in REWARD_PARTS
-    }
-    return subsets, rewards
+def load_results(path: Path) -> dict[str, ExpressionResult]:
+    """The results already in `path` by key (the last line of a key wins); a torn last line (a run killed while
+    writing) is ignored."""
+    done: dict[str, ExpressionResult] = {}
+    if not path.exists():
+        return done
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            result = ExpressionResult.from_json(json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            log.warning("%s:%d: unreadable line skipped (a run stopped while writing it)", path, number)
+            continue
+        done[result.key] = result
+    return done
 
 
-def summarise_oracle(results: list[ExpressionResult]) -> dict[str, float] | None:
-    """Mean reward parts and J&F of the ground-truth answers (type 2 left out of J&F, as in the table)."""
-    oracles = [(r, r.extra["oracle"]) for r in results if "oracle" in r.extra]
-    if not oracles:
-        return None
-    summary = {part: float(np.mean([o["rewards"][part] for _, o in oracles])) for part in REWARD_PARTS}
-    targets = [o["jf"] for r, o in oracles if r.type_id != 2]
-    summary["jf"] = float(np.mean(targets)) if targets else math.nan
-    return summary
+def build_pipeline(cfg: VeasonConfig, split: str, items: list[dict[str, str]], output_dir: Path) -> Any:
+    """The lazy Ray Dataset of result rows ({key, result JSON}) for `items` (one per video)."""
+    data, pool = cfg.data, ray.data.ActorPoolStrategy
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    reader = dict(batch_size=1, batch_format="pyarrow", num_cpus=data.decode_num_cpus)
+    ds = ds.map_batches(
+        PolicyViewReader,
+        fn_constructor_kwargs={"cfg": cfg, "split": split},
+        compute=pool(size=max(1, data.decode_concurrency)),
+        **reader,
+    )
+    if cfg.eval.answers == "policy":
+        videos = max(1, cfg.eval.policy_batch_videos)  # concurrent calls per engine, joined into one
+        ds = ds.map_batches(
+            PolicyAnswerer,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=pool(
+                size=max(1, cfg.rollout.engines),
+                max_tasks_in_flight_per_actor=videos,
+                max_concurrent_calls_per_actor=videos,
+                enable_true_multi_threading=True,
+            ),
+            num_gpus=cfg.rollout.gpus_per_engine,
+            num_cpus=cfg.rollout.cpus_per_engine,
+        )
+    ds = ds.map_batches(
+        FrameReader,
+        fn_constructor_kwargs={"cfg": cfg, "split": split},
+        compute=pool(size=max(1, data.decode_concurrency)),
+        **reader,
+    )
+    ds = ds.map_batches(
+        MaskPredictor,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=pool(size=max(1, cfg.reward.actors)),
+        num_gpus=cfg.reward.gpus_per_actor,
+        num_cpus=cfg.reward.cpus_per_actor,
+    )
+    return ds.map_batches(
+        ExpressionScorer,
+        fn_constructor_kwargs={"cfg": cfg, "split": split, "output_dir": str(output_dir)},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=pool(size=max(1, cfg.eval.scorers)),
+        num_gpus=cfg.eval.scorer_gpus,
+        num_cpus=1,
+    )
 
 
-def run_evaluation(cfg: VeasonConfig, output_dir: Path, split: str | None = None) -> EvaluationReport:
-    """Evaluate `cfg.model.policy` on `split` (default `cfg.data.eval_split`) on the connected Ray cluster."""
-    split = split or cfg.data.eval_split
-    output_dir = Path(output_dir)
+class StallWatch:
+    """Interrupts the driver's wait when no expression finished for `timeout_s` (every wait has a deadline)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self.last = timeout_s, time.monotonic()
+        self.fired, self._stop = False, threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="eval-stall-watch").start()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s)):
+            if time.monotonic() - self.last > self.timeout_s:
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+
+def run_evaluation(
+    cfg: VeasonConfig, output_dir: str | Path | None = None, split: str | None = None
+) -> EvaluationReport:
+    """Evaluate `cfg.model.policy` (or the ground-truth answers) on `split` (default `eval.split`, then
+    `data.eval_split`) on the connected Ray cluster, into `output_dir` (default `eval_output_dir`)."""
+    split = split or cfg.eval.split or cfg.data.eval_split
+    output_dir = Path(output_dir) if output_dir else eval_output_dir(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(cfg.data.dataset, cfg.data.root, split, cfg.storage)
     records = select_expressions(
         list(dataset.expressions()), cfg.data.expression_types, cfg.eval.max_expressions, cfg.run.seed
     )
     if not records:
-        raise ValueError(
-            f"no expressions of types {cfg.data.expression_types} in {cfg.data.root} split {split!r}"
+        raise SystemExit(
+            f"no expressions of types {cfg.data.expression_types} in {cfg.data.root} split {split!r}: "
+            "check data.root, eval.split and data.expression_types"
         )
-    # sam2 and transformers draw a progress bar per propagation / load: the driver's bar is the one to read.
-    quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
-    actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_shard, runtime_env=quiet)(EvaluatorActor)
-    pool = [actor_cls.remote(cfg, split) for _ in range(max(1, min(cfg.eval.shards, len(records))))]
-    pending = {}
-    for i, record in enumerate(records):
-        overlay = str(output_dir / "overlays" / f"{i:04d}.png") if i < cfg.eval.write_overlays else None
-        ref = pool[i % len(pool)].evaluate.remote(record.video, record.exp_id, cfg.run.seed + i, overlay)
-        pending[ref] = i
-    results: list[ExpressionResult | None] = [None] * len(records)
-    with tqdm(total=len(records), desc=f"evaluate {split}", unit="expr") as progress:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done[0])] = ray.get(done[0])
-            progress.update(1)
-    for actor in pool:
-        ray.kill(actor)
-    finished = [r for r in results if r is not None]
-    subsets, rewards = summarise(finished, typed=any(r.type_id is not None for r in finished))
-    parse_rate = float(np.mean([r.parse_failure is None for r in finished]))
-    report = EvaluationReport(finished, subsets, rewards, parse_rate, output_dir, summarise_oracle(finished))
-    with open(output_dir / "results.jsonl", "w") as handle:
-        for result in finished:
-            handle.write(json.dumps(result.as_json()) + "\n")
-    (output_dir / "summary.json").write_text(json.dumps(report.summary(), indent=2))
-    return report
+    if cfg.eval.answers == "policy":
+        longest_video = max(dataset.video(r.video).num_frames for r in records)
+        try:
+            check_answer_budget(cfg.inference, longest_video - 1)
+        except ValueError as error:
+            raise SystemExit(f"veason eval: {error}") from None
+    results_path = output_dir / RESULTS
+    done = load_results(results_path)
+    if cfg.eval.retry_failed:
+        done = {key: r for key, r in done.items() if r.error is None}
+    todo = [r for r in records if r.key not in done]
+    started = time.perf_counter()
+    if todo:
+        print(
+            f"evaluating {len(todo)} expressions of {cfg.data.dataset} {split} ({len(records) - len(todo)} "
+            f"already in {results_path})",
+            flush=True,
+        )
+        timing = _run_pipeline(cfg, split, todo, output_dir, results_path)
+    seconds = time.perf_counter() - started
+    done = load_results(results_path)
+    results = [done[r.key] for r in records if r.key in done]
+    summary = summarise_results(
+        results,
+        benchmark=cfg.data.dataset,
+        split=split,
+        policy=cfg.model.policy if cfg.eval.answers == "policy" else "ground-truth answers",
+        answers=cfg.eval.answers,
+        seconds=seconds if todo else 0.0,
+        evaluated=len(todo),
+    )
+    summary.update(timing if todo else {"first_result_s": None, "first_results": 0})
+    summary["worst_overlays"] = draw_worst(cfg, dataset, results, output_dir)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "summary.md").write_text(summary_markdown(summary))
+    return EvaluationReport(results, summary, output_dir)
+
+
+def _run_pipeline(
+    cfg: VeasonConfig, split: str, todo: list, output_dir: Path, results_path: Path
+) -> dict[str, Any]:
+    """Run the job, appending each result to results.jsonl as it comes; when the first results came (seconds
+    after the start: the actors' start-up and the first video through every stage) and how many."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # one bar: expressions, below
+    pipeline = build_pipeline(cfg, split, video_items(todo), output_dir)
+    watch = StallWatch(cfg.eval.stall_timeout_s)
+    failed, started, first = 0, time.perf_counter(), {"first_result_s": None, "first_results": 0}
+    try:
+        with open(results_path, "a") as out, tqdm(total=len(todo), desc=f"eval {split}", unit="expr") as bar:
+            for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for line in batch.column("result").to_pylist():
+                    out.write(line + "\n")
+                    failed += json.loads(line)["error"] is not None
+                out.flush()
+                watch.tick()
+                if first["first_result_s"] is None:
+                    first = {"first_result_s": time.perf_counter() - started, "first_results": batch.num_rows}
+                bar.update(batch.num_rows)
+                bar.set_postfix(failed=failed)
+    except KeyboardInterrupt:
+        if watch.fired:
+            raise SystemExit(
+                f"evaluation stalled: no expression finished in {cfg.eval.stall_timeout_s:.0f} s "
+                "(eval.stall_timeout_s); what finished is in results.jsonl and a rerun resumes there"
+            ) from None
+        raise
+    finally:
+        watch.stop()
+    return first
+
+
+def draw_worst(cfg: VeasonConfig, dataset, results: list[ExpressionResult], output_dir: Path) -> list[str]:
+    """Overlay videos of the `eval.worst_overlays` lowest-J&F scored expressions with a target (from the mask
+    PNGs the scorers wrote); the drawn keys."""
+    from veason_ray.mask_io import read_mask_png
+
+    if cfg.eval.worst_overlays <= 0 or not cfg.eval.write_masks:
+        return []
+    scored = [r for r in results if r.error is None and r.type_id != 2 and not math.isnan(r.jf)]
+    worst = sorted(scored, key=lambda r: (r.jf, r.key))[: cfg.eval.worst_overlays]
+    drawn = []
+    for result in worst:
+        info = dataset.video(result.video)
+        folder = output_dir / "masks" / result.video / result.exp_id
+        masks = np.stack([read_mask_png((folder / f"{n}.png").read_bytes()) for n in info.frame_names])
+        record = dataset.expression(result.video, result.exp_id)
+        path = output_dir / "overlays" / ("worst_" + overlay_name(result.key))
+        draw_overlay(
+            path, dataset.read_frames(result.video), masks, dataset.gt_masks(record), result, cfg.infer.fps
+        )
+        drawn.append(result.key)
+    return drawn
 
 
 def format_report(report: EvaluationReport) -> str:
-    """The subset table and the reward parts as aligned text."""
-    lines = [f"{'subset':<20} {'n':>4} {'J':>7} {'F':>7} {'J&F':>7} {'R':>7} {'R(rel)':>7}"]
-    for name, s in report.subsets.items():
-        lines.append(
-            f"{name:<20} {s.count:>4} {100 * s.j:7.1f} {100 * s.f:7.1f} {100 * s.jf:7.1f} "
-            f"{100 * s.r_corrected:7.1f} {100 * s.r_release:7.1f}"
-        )
-    parts = "  ".join(f"{part} {value:.3f}" for part, value in report.rewards.items())
-    lines.append(f"policy reward: {parts}   parsable answers: {100 * report.parse_rate:.0f}%")
-    if report.oracle:
-        parts = "  ".join(f"{part} {report.oracle[part]:.3f}" for part in REWARD_PARTS)
-        lines.append(f"oracle reward: {parts}   J&F {100 * report.oracle['jf']:.1f}  (ground-truth answers)")
-    return "\n".join(lines)
+    """The subset table and reward lines of a finished run, for a console."""
+    return format_summary(report.summary)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import init_ray
+
+    cfg = config_from_args(args, "eval")
+    output_dir = eval_output_dir(cfg)
+    init_ray(cfg.placement)
+    report = run_evaluation(cfg, output_dir)
+    print(f"\n{format_report(report)}\n")
+    print(f"results   {output_dir / RESULTS}")
+    print(f"summary   {output_dir / 'summary.md'} ({output_dir / 'summary.json'})")
+    if cfg.eval.write_masks:
+        print(f"masks     {output_dir / 'masks'}/<video>/<exp_id>/<frame>.png")
+    if report.summary["worst_overlays"] or cfg.eval.overlays:
+        print(f"overlays  {output_dir / 'overlays'}/")
+    return 0

@@ -2,8 +2,8 @@
 
     for groups in iter_prompt_groups(cfg, epoch=0, batch_size=16):    # the GRPO driver: lists of PromptGroup
         ...
-    stream = FrameStream(cfg, mode="eval")                            # evaluation, shard by shard
-    shards = stream.shards(2)                                         # one picklable iterator per evaluator actor
+    for sample in FrameStream(cfg, mode="eval"):                      # the evaluation split's Samples
+        ...
 
 The pipeline: ``from_items`` of expression keys (a few bytes each) -> ``map_batches`` on a pool of
 ``data.decode_concurrency`` SampleDecoder actors (``data.decode_num_cpus`` each; every actor opens the dataset
@@ -43,9 +43,8 @@ import pyarrow.parquet as pq
 import ray
 from pyarrow import fs as pafs
 
-from pipelines.evaluate import select_expressions
 from veason_ray.config import DataConfig, StorageConfig, VeasonConfig
-from veason_ray.datasets import ExpressionRecord, open_dataset
+from veason_ray.datasets import ExpressionRecord, open_dataset, select_expressions
 from veason_ray.object_store import S3_SCHEME, S3ObjectStore, join_uri, store_for
 from veason_ray.records import PromptGroup, Sample
 from veason_ray.sample_building import FrameMaterial, Mode, SamplingSpec, build_material, sample_key
@@ -209,12 +208,6 @@ class StreamStats:
     def elapsed_s(self) -> float:
         return 0.0 if self.started is None else time.monotonic() - self.started
 
-    def merge(self, other: StreamStats) -> None:
-        """Add another consumer's counts (e.g. each evaluation shard's)."""
-        self.samples += other.samples
-        self.frames += other.frames
-        self.skipped.update(other.skipped)
-
     def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Counts and rates as run metrics: samples, frames, skipped (total and per reason), per second."""
         elapsed = max(self.elapsed_s, 1e-9)
@@ -254,24 +247,6 @@ def samples_from_batches(
             yield sample
 
 
-@dataclass
-class ShardIterator:
-    """One evaluation shard: picklable (hand it to an actor); iterate it for Samples, then read ``stats``."""
-
-    iterator: Any  # ray.data.DataIterator from streaming_split
-    spec: SamplingSpec
-    epoch: int
-    batch_rows: int
-    prefetch_batches: int
-    stats: StreamStats = field(default_factory=StreamStats)
-
-    def __iter__(self) -> Iterator[Sample]:
-        batches = self.iterator.iter_batches(
-            batch_size=self.batch_rows, batch_format="pyarrow", prefetch_batches=self.prefetch_batches
-        )
-        yield from samples_from_batches(batches, self.spec, self.epoch, self.stats)
-
-
 # --- the stream ------------------------------------------------------------------------------------------------
 def sampling_spec(cfg: VeasonConfig, mode: Mode) -> SamplingSpec:
     """The SamplingSpec of ``mode`` from the config (train: data.num_frames; eval: data.eval_num_frames)."""
@@ -306,8 +281,7 @@ class FrameStream:
     """One pass over a split as Samples. ``records``: the expressions (default: the split's, filtered by
     data.expression_types, capped by data.max_expressions in training or eval.max_expressions in evaluation).
 
-    Iterate it (one consumer) or take ``shards(n)`` (n consumers, e.g. evaluator actors, then call
-    ``finish()``); ``stats`` counts what was delivered and skipped."""
+    Iterate it (one consumer); ``stats`` counts what was delivered and skipped."""
 
     def __init__(
         self,
@@ -407,15 +381,6 @@ class FrameStream:
         if data.progress_every_s > 0:
             log.info("%s", self.stats.progress_line())
 
-    def shards(self, num_shards: int) -> list[ShardIterator]:
-        """``num_shards`` iterators over disjoint parts of the stream (``streaming_split``), one per consumer.
-        Merge their ``stats`` into ``self.stats`` and call ``finish()`` when all are done."""
-        data = self.cfg.data
-        return [
-            ShardIterator(it, self.spec, self.epoch, max(1, data.decode_batch_size), data.prefetch_batches)
-            for it in self.dataset().streaming_split(num_shards, equal=False)
-        ]
-
 
 def iter_prompt_groups(
     cfg: VeasonConfig,
@@ -446,20 +411,3 @@ def iter_prompt_groups(
             group = []
     if group:
         yield group
-
-
-def iter_eval_shards(
-    cfg: VeasonConfig, shard_size: int, split: str | None = None, stats: StreamStats | None = None
-) -> Iterator[list[Sample]]:
-    """Evaluation on one consumer, shard by shard: lists of ``shard_size`` Samples (evenly spaced frames)."""
-    stream = FrameStream(cfg, split, "eval")
-    if stats is not None:
-        stream.stats = stats
-    shard: list[Sample] = []
-    for sample in stream:
-        shard.append(sample)
-        if len(shard) == shard_size:
-            yield shard
-            shard = []
-    if shard:
-        yield shard

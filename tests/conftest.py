@@ -7,7 +7,9 @@ it yields a StorageConfig pointing at it. ``s3_bucket`` creates a fresh bucket p
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -41,6 +43,27 @@ def synthetic_reasonvos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_reasonvos")
     write_synthetic_dataset(root, layout="reasonvos", **SYNTH_SPEC)
     return root
+
+
+def as_mevis(revos: Path, out: Path, source_split: str = "train", split: str = "train") -> Path:
+    """A ReVOS-layout dataset's `source_split` rearranged as MeViS ships a split (`<split>/JPEGImages`,
+    `meta_expressions.json` without sizes or types, `mask_dict.json`); returns the MeViS root."""
+    folder = out / split
+    meta = json.loads((revos / f"meta_expressions_{source_split}_.json").read_text())
+    for name, video in meta["videos"].items():
+        shutil.copytree(revos / "JPEGImages" / name, folder / "JPEGImages" / name)
+        del video["height"], video["width"]
+        for exp in video["expressions"].values():
+            del exp["type_id"]
+    shutil.copy(revos / "mask_dict.json", folder / "mask_dict.json")
+    (folder / "meta_expressions.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_mevis(synthetic_revos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The valid videos of ``synthetic_revos`` as MeViS's ``valid_u`` split."""
+    return as_mevis(synthetic_revos, tmp_path_factory.mktemp("synthetic_mevis"), "valid", "valid_u")
 
 
 def _free_port() -> int:

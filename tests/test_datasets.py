@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import as_mevis
 from pycocotools import mask as mask_utils
 
 from veason_ray.datasets import (
@@ -164,21 +164,8 @@ def test_frame_index_and_unknown_names(synthetic_revos):
 # --- MeViS: the ReVOS files rearranged as MeViS ships them --------------------------------------------
 
 
-def _as_mevis(revos: Path, out: Path) -> Path:
-    split = out / "train"
-    shutil.copytree(revos / "JPEGImages", split / "JPEGImages")
-    shutil.copy(revos / "mask_dict.json", split / "mask_dict.json")
-    meta = json.loads((revos / "meta_expressions_train_.json").read_text())
-    for video in meta["videos"].values():
-        del video["height"], video["width"]
-        for exp in video["expressions"].values():
-            del exp["type_id"]
-    (split / "meta_expressions.json").write_text(json.dumps(meta))
-    return out
-
-
 def test_mevis_reader(synthetic_revos, tmp_path, s3_server, s3_bucket):
-    root = _as_mevis(synthetic_revos, tmp_path / "mevis")
+    root = as_mevis(synthetic_revos, tmp_path / "mevis")
     revos = open_dataset("revos", str(synthetic_revos), "train")
     remote = join_uri(s3_bucket, "mevis")
     store_for(remote, s3_server).upload_tree(root, remote)

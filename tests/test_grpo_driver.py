@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.evaluate import select_expressions
 from pipelines.grpo import check_trainer_config
 from veason_ray.config_loading import ConfigError, load_config
-from veason_ray.datasets import open_dataset
+from veason_ray.datasets import open_dataset, select_expressions
 from veason_ray.sample_building import sample_key
 
 REPO = Path(__file__).resolve().parents[1]

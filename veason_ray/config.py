@@ -300,14 +300,51 @@ class TrainerConfig:
 
 
 @dataclass
-class EvalConfig:
-    max_expressions: int = 0  # 0 = all of the eval split
-    shards: int = 2  # evaluator actors, each holding one policy and one SAM2
-    gpus_per_shard: float = 0.0
+class InferenceConfig:
+    """How a trained policy answers outside training: `veason infer`, `veason eval` and the Serve app."""
+
+    # `veason infer`: the policy in this process on a vLLM engine or with Hugging Face generate (`veason eval`
+    # always runs vLLM engines: `rollout.engines` of `rollout.gpus_per_engine` GPUs each)
+    generator: Literal["vllm", "hf"] = "vllm"
     max_new_tokens: int = 1024
-    temperature: float = 0.0
-    write_overlays: int = 4  # expressions whose masks are drawn as PNG
-    score_oracle: bool = True  # also score the ground-truth answer: checks the reward and SAM2 path
+    temperature: float = 0.0  # 0 = greedy (the method's evaluation)
+    # vLLM structured outputs: every answer is in the answer format (prompts.answer_regex), with a keyframe among
+    # the prompt's timestamps; for untrained or weak checkpoints, whose free answers seldom parse
+    constrain_answer: bool = False
+    constrained_think_chars: int = 256  # longest think text a constrained answer may write
+    constrained_max_boxes: int = 8  # most boxes a constrained answer may write
+    max_video_frames: int = 1000  # longer videos are refused: every frame and its mask are held in memory
+
+
+@dataclass
+class InferConfig:
+    """`veason infer`: one video, one query (`input=` and `query=` on the command line are these keys)."""
+
+    input: str = ""  # an .mp4 file, a folder of JPEG (or PNG) frames, or an s3:// path to either
+    query: str = ""
+    output_dir: str = ""  # empty = <run.output_dir>/infer/<input's name>
+    fps: float = 6.0  # frames per second of the overlay video
+
+
+@dataclass
+class EvalConfig:
+    """`veason eval`: a policy checkpoint on a benchmark split, as a Ray Data job (pipelines/evaluate.py)."""
+
+    split: str = ""  # empty = data.eval_split
+    output_dir: str = ""  # local folder; empty = <run.output_dir>/eval
+    max_expressions: int = 0  # 0 = all of the split (otherwise a seeded sample spread over it)
+    # policy: the model's answers (vLLM engines, greedy); ground_truth: the answer a perfect policy would give
+    # (the keyframe with the largest GT mask among the sampled frames and its GT boxes): checks the SAM2 path
+    answers: Literal["policy", "ground_truth"] = "policy"
+    score_oracle: bool = True  # also score the ground-truth answer of every expression (oracle columns)
+    policy_batch_videos: int = 8  # videos whose expressions go to one vLLM generate call
+    scorers: int = 1  # actors computing J, F and R and writing the masks
+    scorer_gpus: float = 0.0  # GPU share of each scorer: metrics on the GPU when > 0
+    write_masks: bool = True  # predicted masks as PNGs in the public tools' layout: masks/<video>/<exp_id>/
+    overlays: list[str] = field(default_factory=list)  # "video/exp_id" keys drawn as overlay videos
+    worst_overlays: int = 4  # the N lowest-J&F expressions drawn as overlay videos at the end
+    retry_failed: bool = True  # a rerun retries expressions whose earlier attempt failed
+    stall_timeout_s: float = 1800.0  # no expression finished for this long: the run stops with the stage
 
 
 @dataclass
@@ -399,6 +436,8 @@ class VeasonConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -1,66 +1,90 @@
-"""Evaluation of one expression: its inputs (sampled frames, prompt, ground truth) and its scores (the reward
-parts on the sampled frames, J / F / R on every frame of the video). Pure: the policy's answer comes in as text.
+"""Scoring one expression (method.md sections 4 and 7): an answer and the masks it led to, against the ground
+truth. Pure: the answer and its masks come from inference (`veason_ray/inference.py`); evaluation is inference
+followed by this. The evaluation job (pipelines/evaluate.py) calls it on its scorer actors.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import cv2
 import numpy as np
 
-from veason_ray.answer_parsing import ParsedAnswer, parse_answer
-from veason_ray.boxes import FRAME_SIZE
-from veason_ray.datasets import ExpressionRecord, VOSDataset
-from veason_ray.mask_propagation import MaskPropagator
-from veason_ray.metrics import score_expression
-from veason_ray.prompts import build_messages, render_answer
-from veason_ray.rewards import RewardWeights, score_response
-from veason_ray.sample_building import SamplingSpec, build_sample
-from veason_ray.segmentation import segment_video
-from veason_ray.video_decoding import ArrayFrameSource
+from veason_ray.datasets import ExpressionRecord
+from veason_ray.inference import LocatedAnswer
+from veason_ray.metrics import ExpressionScore
+from veason_ray.prompts import render_answer
+from veason_ray.records import Sample
+from veason_ray.rewards import RewardBreakdown
+
+REWARD_PARTS = ("format", "keyframe", "spatial", "consistency", "total")
 
 
-@dataclass
-class EvaluationInputs:
-    """Everything one expression's evaluation needs, read once from the dataset."""
+def oracle_answer(sample: Sample, split_regions: bool = False) -> str:
+    """The answer a perfect policy would give on a sample's frames: the sampled frame with the largest GT union
+    mask (at 560) as the keyframe, and the GT boxes of the objects present on it. Scoring it checks the reward
+    and segmentation path (and the mask propagator) independently of the policy; no-target expressions get no
+    boxes. `split_regions`: one box per connected region of the keyframe's GT mask instead, for datasets that
+    annotate several target objects as one mask (ReasonVOS), where the objects' own boxes are not known."""
+    areas = sample.gt_masks_560.reshape(len(sample.frame_indices), -1).sum(axis=1)
+    position = int(np.argmax(areas))
+    boxes = sample.gt_boxes_560[position]
+    present = boxes[np.any(boxes != 0, axis=1)] if areas[position] > 0 else np.zeros((0, 4))
+    if split_regions and areas[position] > 0:
+        present = region_boxes(sample.gt_masks_560[position])
+    return render_answer("ground truth", sample.frame_indices[position], present)
 
-    record: ExpressionRecord
-    frames: np.ndarray  # (L, H, W, 3) uint8, every frame of the video
-    gt_masks: np.ndarray  # (L, H, W) bool GT union masks
-    foreground: np.ndarray  # (L, H, W) bool, all annotated objects (for R)
-    frame_indices: tuple[int, ...]  # the sampled frames shown to the policy
-    frames_560: np.ndarray  # (T, 560, 560, 3) the sampled frames as the policy sees them
-    gt_masks_560: np.ndarray  # (T, 560, 560) bool GT union masks at the sampled frames
-    gt_boxes_560: list[np.ndarray]  # per sampled frame, (N, 4) GT boxes in 560 space
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The chat prompt (system + user turn with the sampled frames)."""
-        return build_messages(self.frame_indices, self.record.expression, list(self.frames_560))
+def region_boxes(mask: np.ndarray) -> np.ndarray:
+    """(K, 4) inclusive pixel boxes of the 8-connected regions of a (H, W) mask, largest first."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    regions = sorted(stats[1:count], key=lambda s: -int(s[cv2.CC_STAT_AREA]))
+    return np.array([[x, y, x + w - 1, y + h - 1] for x, y, w, h, _ in regions], dtype=np.float64).reshape(
+        -1, 4
+    )
+
+
+def reward_parts(reward: RewardBreakdown) -> dict[str, float]:
+    return {part: float(getattr(reward, part)) for part in REWARD_PARTS}
 
 
 @dataclass
 class ExpressionResult:
-    """The outcome of one expression; plain data (JSON-serialisable through `as_json`)."""
+    """The outcome of one expression; one line of results.jsonl (`as_json` / `from_json`).
+
+    j, f, r_*: means over every frame of the video, in [0, 1] (NaN for a failed expression); boxes in the
+    video's pixels, boxes_560 as the policy wrote them; error: why the expression could not be evaluated (a
+    corrupt video, an engine error), None when it was; empty_reason: why its masks are empty (the answer's
+    fault, scored as such)."""
 
     video: str
     exp_id: str
     expression: str
     type_id: int | None
     multi_instance: bool
-    frame_indices: list[int]
-    response: str
-    parse_failure: str | None
-    keyframe: int | None
-    boxes_560: list[list[float]]
-    rewards: dict[str, float]
-    consistency_error: str | None
-    j: float
-    f: float
-    r_release: float
-    r_corrected: float
+    frame_indices: list[int] = field(default_factory=list)
+    response: str = ""
+    reasoning: str = ""
+    parse_failure: str | None = None
+    keyframe: int | None = None
+    boxes_560: list[list[float]] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+    rewards: dict[str, float] = field(default_factory=dict)
+    consistency_error: str | None = None
+    j: float = math.nan
+    f: float = math.nan
+    r_release: float = math.nan
+    r_corrected: float = math.nan
     empty_reason: str | None = None
+    error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """``<video>/<exp_id>``: unique within a split."""
+        return f"{self.video}/{self.exp_id}"
 
     @property
     def jf(self) -> float:
@@ -69,90 +93,51 @@ class ExpressionResult:
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "jf": self.jf}
 
-
-def load_evaluation_inputs(
-    dataset: VOSDataset, record: ExpressionRecord, num_frames: int
-) -> EvaluationInputs:
-    """Read the video, its GT and foreground, and sample `num_frames` evenly spaced frames for the policy (the
-    sampled part is :func:`~veason_ray.sample_building.build_sample` on the frames already read)."""
-    frames = dataset.read_frames(record.video)
-    sample = build_sample(
-        dataset,
-        record,
-        SamplingSpec(mode="eval", num_frames=num_frames, frame_size=FRAME_SIZE),
-        source=ArrayFrameSource(record.video, frames),
-    )
-    return EvaluationInputs(
-        record=record,
-        frames=frames,
-        gt_masks=dataset.gt_masks(record),
-        foreground=dataset.foreground(record.video),
-        frame_indices=sample.frame_indices,
-        frames_560=sample.frames,
-        gt_masks_560=sample.gt_masks_560,
-        gt_boxes_560=sample.gt_boxes_560,
-    )
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ExpressionResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
 
 
-def oracle_response(inputs: EvaluationInputs) -> str:
-    """The answer a perfect policy would give: the sampled frame with the largest GT union mask (at 560) as the
-    keyframe, and the GT boxes of the objects present on it. Scoring it checks the reward and segmentation path
-    (and the mask propagator) independently of the policy; no-target expressions get no boxes."""
-    areas = inputs.gt_masks_560.reshape(len(inputs.frame_indices), -1).sum(axis=1)
-    position = int(np.argmax(areas))
-    boxes = inputs.gt_boxes_560[position]
-    present = boxes[np.any(boxes != 0, axis=1)] if areas[position] > 0 else np.zeros((0, 4))
-    return render_answer("ground truth", inputs.frame_indices[position], present)
+def _record_fields(record: ExpressionRecord) -> dict[str, Any]:
+    return {
+        "video": record.video,
+        "exp_id": str(record.exp_id),
+        "expression": record.expression,
+        "type_id": record.type_id,
+        "multi_instance": record.is_multi_instance,
+    }
 
 
-def evaluate_answer(
-    inputs: EvaluationInputs,
-    response: str,
-    propagator: MaskPropagator,
-    weights: RewardWeights | None = None,
-    device: str | None = None,
-) -> tuple[ExpressionResult, np.ndarray]:
-    """Score `response` for `inputs`: reward parts on the sampled frames (consistency through `propagator` at
-    560), then the answer's masks over the whole video and their J, F and R. Returns the result and the
-    (L, H, W) predicted masks."""
-    record = inputs.record
-    reward = score_response(
-        response,
-        frame_indices=inputs.frame_indices,
-        gt_masks=inputs.gt_masks_560,
-        gt_boxes=inputs.gt_boxes_560,
-        frames=inputs.frames_560,
-        propagator=propagator,
-        weights=weights,
-    )
-    parsed = parse_answer(response)
-    segmentation = segment_video(inputs.frames, parsed, propagator)
-    score = score_expression(
-        segmentation.masks, inputs.gt_masks, record.type_id, inputs.foreground, device=device
-    )
-    result = ExpressionResult(
-        video=record.video,
-        exp_id=str(record.exp_id),
-        expression=record.expression,
-        type_id=record.type_id,
-        multi_instance=record.is_multi_instance,
-        frame_indices=list(inputs.frame_indices),
-        response=response,
-        parse_failure=reward.parse_failure.value if reward.parse_failure else None,
-        keyframe=parsed.keyframe if isinstance(parsed, ParsedAnswer) else None,
-        boxes_560=parsed.boxes.tolist() if isinstance(parsed, ParsedAnswer) else [],
-        rewards={
-            "format": reward.format,
-            "keyframe": reward.keyframe,
-            "spatial": reward.spatial,
-            "consistency": reward.consistency,
-            "total": reward.total,
-        },
-        consistency_error=reward.consistency_error,
+def expression_result(
+    record: ExpressionRecord,
+    frame_indices: tuple[int, ...],
+    answer: LocatedAnswer,
+    rewards: dict[str, float],
+    consistency_error: str | None,
+    score: ExpressionScore,
+) -> ExpressionResult:
+    """The result of an evaluated expression: its answer as inference read it, its reward parts on the sampled
+    frames (`reward_parts`) and its J, F and R over the video."""
+    return ExpressionResult(
+        **_record_fields(record),
+        frame_indices=[int(i) for i in frame_indices],
+        response=answer.text,
+        reasoning=answer.reasoning,
+        parse_failure=answer.parse_failure,
+        keyframe=answer.keyframe,
+        boxes_560=np.round(answer.boxes_560.astype(np.float64), 2).tolist(),
+        boxes=np.round(answer.boxes.astype(np.float64), 2).tolist(),
+        rewards=dict(rewards),
+        consistency_error=consistency_error,
         j=score.j,
         f=score.f,
         r_release=score.r_release,
         r_corrected=score.r_corrected,
-        empty_reason=segmentation.empty_reason,
+        empty_reason=answer.empty_reason,
     )
-    return result, segmentation.masks
+
+
+def failed_result(record: ExpressionRecord, error: str) -> ExpressionResult:
+    """An expression that could not be evaluated, with the reason (kept out of the means, counted apart)."""
+    return ExpressionResult(**_record_fields(record), error=error)

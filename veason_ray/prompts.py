@@ -96,3 +96,35 @@ def render_answer(think: str, keyframe: int, boxes: np.ndarray | Sequence[Sequen
     ]
     answer = json.dumps({"keyframe_timestamp": int(keyframe), "bbox_2d_list": box_list})
     return f"<think>{think}</think>\n<answer>{answer}</answer>"
+
+
+# A coordinate the constrained answer may write: a pixel of the 560x560 frame, 0..559, with up to 2 decimals (the
+# form of render_answer and the CoT-SFT records).
+_COORDINATE = r"(0|[1-9][0-9]?|[1-4][0-9]{2}|5[0-5][0-9])(\.[0-9]{1,2})?"
+
+
+def answer_regex(frame_indices: Sequence[int], max_think_chars: int = 256, max_boxes: int = 8) -> str:
+    """A regular expression every well-formed answer to a prompt of `frame_indices` matches, for constrained
+    decoding (vLLM's structured outputs): a think block of at most `max_think_chars` characters without '<',
+    then the answer JSON in `render_answer`'s layout with a keyframe among the prompt's timestamps and 1 to
+    `max_boxes` boxes inside the 560x560 frame. An untrained or weak checkpoint then always gives an
+    answer SAM2 can segment; what it chooses inside the format is still the policy's."""
+    if max_think_chars < 0 or max_boxes < 1:
+        raise ValueError(
+            f"max_think_chars must be >= 0 and max_boxes >= 1, got {max_think_chars}, {max_boxes}"
+        )
+    keyframes = "|".join(str(int(i)) for i in sorted(set(frame_indices)))
+    box = rf"\[{_COORDINATE}, {_COORDINATE}, {_COORDINATE}, {_COORDINATE}\]"
+    boxes = rf"\[{box}(, {box}){{0,{max_boxes - 1}}}\]"
+    return (
+        rf"<think>[^<]{{0,{max_think_chars}}}</think>\n<answer>"
+        rf'\{{"keyframe_timestamp": ({keyframes}), "bbox_2d_list": {boxes}\}}</answer>'
+    )
+
+
+def constrained_answer_max_chars(max_frame_index: int, max_think_chars: int, max_boxes: int) -> int:
+    """The longest answer `answer_regex` admits, in characters: a bound on its tokens too (a token holds at least
+    one character), so a constrained answer always ends within this many new tokens."""
+    box = len("[559.99, 559.99, 559.99, 559.99]")
+    frame = render_answer("", max_frame_index, np.zeros((0, 4)))
+    return len(frame) + max_think_chars + max_boxes * box + (max_boxes - 1) * len(", ")

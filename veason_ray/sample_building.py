@@ -17,7 +17,7 @@ again; the frame cache of ``pipelines/frame_stream.py`` stores these.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -171,25 +171,35 @@ def read_material(
 ) -> FrameMaterial:
     """Decode ``frame_indices`` of the record's video from ``source`` (resized to frame_size) and its GT there."""
     info = dataset.video(record.video)
+    gt_masks, gt_boxes = read_ground_truth(dataset, record, frame_indices, frame_size)
+    return FrameMaterial(
+        record=record,
+        frame_indices=tuple(int(i) for i in frame_indices),
+        frames=source.read(list(frame_indices), size=frame_size),
+        gt_masks=gt_masks,
+        gt_boxes=gt_boxes,
+        areas=areas,
+        original_size=(info.height, info.width),
+        num_video_frames=info.num_frames,
+    )
+
+
+def read_ground_truth(
+    dataset: VOSDataset, record: ExpressionRecord, frame_indices: Sequence[int], frame_size: int = FRAME_SIZE
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The record's GT at ``frame_indices`` as the rewards see it: union masks (T, S, S) bool (nearest) and per
+    frame the (N, 4) GT boxes in 560 space. Raises MissingMaskError / CorruptMaskError for unusable masks."""
+    info = dataset.video(record.video)
     indices = list(frame_indices)
     with _mask_errors(record):
-        object_masks = dataset.object_masks(record, indices)  # (K, T, H, W): only the sampled frames
-    frames = source.read(indices, size=frame_size)
+        object_masks = dataset.object_masks(record, indices)  # (K, T, H, W): only those frames
     union = (
         object_masks.any(axis=0)
         if len(object_masks)
         else np.zeros((len(indices), info.height, info.width), bool)
     )
-    return FrameMaterial(
-        record=record,
-        frame_indices=tuple(indices),
-        frames=frames,
-        gt_masks=resize_masks_nearest(union, frame_size),
-        gt_boxes=[ground_truth_boxes_560(object_masks[:, t]) for t in range(len(indices))],
-        areas=areas,
-        original_size=(info.height, info.width),
-        num_video_frames=info.num_frames,
-    )
+    boxes = [ground_truth_boxes_560(object_masks[:, t]) for t in range(len(indices))]
+    return resize_masks_nearest(union, frame_size), boxes
 
 
 def build_material(

@@ -16,9 +16,11 @@ Other errors (a storage outage, a bug) propagate. Messages name the URI, never c
 from __future__ import annotations
 
 import abc
+import contextlib
 import io
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, ClassVar
 
 import cv2
 import numpy as np
@@ -152,6 +154,24 @@ class JpegFolderSource(FrameSource):
         return out
 
 
+@contextlib.contextmanager
+def open_video_stream(f: BinaryIO, uri: str) -> Iterator[tuple[Any, Any]]:
+    """PyAV's container of the open file ``f`` and its first video stream (threaded decoding); a file FFmpeg
+    cannot open, or one without a video stream, raises CorruptVideoError naming ``uri``."""
+    import av
+
+    try:
+        container = av.open(f, mode="r")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise CorruptVideoError(f"{uri}: cannot open video ({type(e).__name__})") from None
+    with container:
+        if not container.streams.video:
+            raise CorruptVideoError(f"{uri}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield container, stream
+
+
 class Mp4Source(FrameSource):
     """An .mp4 (or any container FFmpeg reads) decoded with PyAV, seeking to the needed frames; ``decord`` as an
     optional backend. Frame i is the i-th frame in presentation order; ``num_frames`` is what the dataset's
@@ -192,17 +212,7 @@ class Mp4Source(FrameSource):
         return [decoded[i] for i in indices]
 
     def _decode_pyav(self, f, wanted: list[int]) -> dict[int, np.ndarray]:
-        import av
-
-        try:
-            container = av.open(f, mode="r")
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise CorruptVideoError(f"{self.uri}: cannot open video ({type(e).__name__})") from None
-        with container:
-            if not container.streams.video:
-                raise CorruptVideoError(f"{self.uri}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+        with open_video_stream(f, self.uri) as (container, stream):
             return self._decode_stream(container, stream, wanted)
 
     def _decode_stream(self, container, stream, wanted: list[int]) -> dict[int, np.ndarray]:
@@ -290,7 +300,89 @@ __all__ = [
     "MissingFrameError",
     "Mp4Source",
     "TruncatedVideoError",
+    "VideoTooLongError",
+    "WholeVideo",
     "decode_jpeg",
     "frame_source",
+    "read_whole_video",
     "video_uri",
 ]
+
+
+# --- a whole video given by the user (`veason infer`, the Serve app) ----------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class VideoTooLongError(ValueError):
+    """The video has more frames than the caller allows (every frame and its mask are held in memory)."""
+
+
+@dataclass(frozen=True)
+class WholeVideo:
+    """Every frame of a user's video: frames (L, H, W, 3) uint8 RGB, frame_names (the file stems of a frame
+    folder, zero-padded indices for a video file) and its frame rate when the container has one."""
+
+    uri: str
+    frames: np.ndarray
+    frame_names: tuple[str, ...]
+    fps: float | None
+
+
+def read_whole_video(store: ObjectStore, uri: str, max_frames: int) -> WholeVideo:
+    """Decode every frame of ``uri``: a video file (.mp4 or anything FFmpeg reads) or a folder of JPEG/PNG frames
+    (sorted by name), local or s3://. More than ``max_frames`` frames raises VideoTooLongError; an unreadable
+    file or frame a BadDataError; a missing input FileNotFoundError."""
+    folder = uri.rstrip("/")
+    listed = store.list_files(folder)
+    if listed == [folder]:
+        return _read_video_file(store, folder, max_frames)
+    names = [u for u in listed if u.rsplit("/", 1)[0] == folder and u.lower().endswith(IMAGE_EXTENSIONS)]
+    if not names:
+        raise FileNotFoundError(
+            f"{uri}: neither a video file nor a folder of {'/'.join(IMAGE_EXTENSIONS)} frames"
+        )
+    if len(names) > max_frames:
+        raise VideoTooLongError(f"{uri}: {len(names)} frames, more than the {max_frames} allowed")
+    frames = []
+    for name in names:
+        data = store.read_bytes(name)
+        frame = (
+            decode_jpeg(data, name) if name.lower().endswith((".jpg", ".jpeg")) else _decode_png(data, name)
+        )
+        if frames and frame.shape != frames[0].shape:
+            first = frames[0].shape
+            raise FrameSizeError(
+                f"{name}: {frame.shape[1]}x{frame.shape[0]}, the first frame is {first[1]}x{first[0]}"
+            )
+        frames.append(frame)
+    stems = tuple(n.rsplit("/", 1)[-1].rsplit(".", 1)[0] for n in names)
+    return WholeVideo(uri, np.stack(frames), stems, None)
+
+
+def _decode_png(data: bytes, uri: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise CorruptFrameError(f"{uri}: not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _read_video_file(store: ObjectStore, uri: str, max_frames: int) -> WholeVideo:
+    import av
+
+    frames: list[np.ndarray] = []
+    with store.open_input(uri) as f:
+        with open_video_stream(f, uri) as (container, stream):
+            rate = stream.average_rate or stream.guessed_rate
+            try:
+                for frame in container.decode(stream):
+                    if len(frames) == max_frames:
+                        raise VideoTooLongError(f"{uri}: more than the {max_frames} frames allowed")
+                    frames.append(frame.to_ndarray(format="rgb24"))
+            except av.FFmpegError as e:
+                if not frames:
+                    raise CorruptVideoError(f"{uri}: no decodable frame ({type(e).__name__})") from None
+    if not frames:
+        raise CorruptVideoError(f"{uri}: no decodable frame")
+    width = max(5, len(str(len(frames) - 1)))
+    names = tuple(str(i).zfill(width) for i in range(len(frames)))
+    return WholeVideo(uri, np.stack(frames), names, float(rate) if rate else None)

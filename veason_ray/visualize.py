@@ -1,7 +1,10 @@
-"""Pictures people would rather look at than read: masks over frames, boxes on the keyframe."""
+"""Pictures people would rather look at than read: masks over frames, boxes on the keyframe, as a grid, a
+strip of the frames the policy saw, or a playable video."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -11,6 +14,12 @@ from PIL import Image
 GT_COLOUR = (255, 0, 255)  # ground-truth outline: magenta
 PRED_COLOUR = (255, 40, 40)  # predicted mask: red tint
 BOX_COLOUR = (255, 220, 0)  # predicted boxes on the keyframe: yellow
+TEXT_COLOUR = (255, 255, 255)
+KEYFRAME_BORDER = 3  # pixels of the yellow border around the keyframe
+STRIP_TILE_WIDTH = 280  # pixels: sampled_frames_strip shrinks wider frames to this
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_STRIP_SHADE = 0.3  # what is left of the picture under a text strip, so the text stays readable
+_CAPTION_LINES = 2  # a longer caption is cut with "..."
 
 
 def overlay_frame(
@@ -25,6 +34,67 @@ def overlay_frame(
         contours, _ = cv2.findContours(gt_mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, GT_COLOUR, 1)
     return out
+
+
+def _mark_keyframe(tile: np.ndarray, boxes: np.ndarray | None) -> None:
+    """Draw, in place, the boxes (pixels of ``tile``, [x1, y1, x2, y2]) and a border: this is the keyframe."""
+    for x1, y1, x2, y2 in np.asarray(boxes if boxes is not None else [], dtype=np.float64).reshape(-1, 4):
+        cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), BOX_COLOUR, 2)
+    cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), BOX_COLOUR, KEYFRAME_BORDER)
+
+
+def _font_scale(width: int) -> float:
+    """cv2 font scale for text on an image ``width`` pixels wide: small on thumbnails, at most 0.6."""
+    return float(np.clip(width / 700, 0.35, 0.6))
+
+
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+
+
+def _fit_lines(text: str, width: int, scale: float, max_lines: int) -> list[str]:
+    """``text`` wrapped at spaces into lines at most ``width`` pixels wide; a word too long for a line is cut,
+    and text past ``max_lines`` lines is dropped with "..." at the end of the last line."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and _text_width(candidate, scale) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+        while _text_width(lines[-1], scale) > width and len(lines[-1]) > 1:
+            lines[-1] = lines[-1][:-1]
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and _text_width(last + "...", scale) > width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "..."]
+    return lines
+
+
+def _line_height(scale: float) -> int:
+    (_, height), baseline = cv2.getTextSize("Ag", _FONT, scale, 1)
+    return height + baseline + 4
+
+
+def _text_strip(
+    image: np.ndarray, lines: Sequence[str], top: int, colour: tuple[int, int, int] = TEXT_COLOUR
+) -> None:
+    """Darken, in place, a full-width band of ``image`` from row ``top`` and write ``lines`` on it."""
+    if not lines:
+        return
+    scale = _font_scale(image.shape[1])
+    step = _line_height(scale)
+    band = image[top : top + step * len(lines) + 2]
+    band[:] = (band * _STRIP_SHADE).astype(np.uint8)
+    for i, line in enumerate(lines):
+        baseline_y = top + (i + 1) * step - cv2.getTextSize("Ag", _FONT, scale, 1)[1] - 1
+        cv2.putText(image, line, (4, baseline_y), _FONT, scale, colour, 1, cv2.LINE_AA)
+
+
+def _strip_height(lines: int, width: int) -> int:
+    """Rows a :func:`_text_strip` of ``lines`` lines takes on an image ``width`` pixels wide."""
+    return _line_height(_font_scale(width)) * lines + 2 if lines else 0
 
 
 def video_overlay_grid(
@@ -46,12 +116,8 @@ def video_overlay_grid(
     for index in chosen:
         tile = overlay_frame(frames[index], pred_masks[index], gt_masks[index])
         if index == keyframe:
-            for x1, y1, x2, y2 in boxes if boxes is not None else []:
-                cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), BOX_COLOUR, 2)
-            cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), BOX_COLOUR, 3)
-        cv2.putText(
-            tile, f"t={index}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA
-        )
+            _mark_keyframe(tile, boxes)
+        cv2.putText(tile, f"t={index}", (4, 14), _FONT, 0.45, TEXT_COLOUR, 1, cv2.LINE_AA)
         tiles.append(tile)
     rows = -(-len(tiles) // columns)
     height, width = tiles[0].shape[:2]
@@ -62,7 +128,120 @@ def video_overlay_grid(
     return grid
 
 
+def _check_video(frames: np.ndarray, masks: np.ndarray, gt_masks: np.ndarray | None) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
+    if len(frames) == 0:
+        raise ValueError("a video needs at least one frame")
+    for name, value in (("masks", masks), ("gt_masks", gt_masks)):
+        if value is not None and value.shape != frames.shape[:3]:
+            raise ValueError(f"{name} of shape {value.shape} for frames of shape {frames.shape}")
+
+
+def _video_codec() -> str:
+    """H.264 when the installed PyAV build has an x264 encoder, MPEG-4 part 2 otherwise."""
+    import av
+
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def write_overlay_video(
+    path: str | Path,
+    frames: np.ndarray,
+    masks: np.ndarray,
+    *,
+    keyframe: int | None = None,
+    boxes: np.ndarray | None = None,
+    caption: str = "",
+    gt_masks: np.ndarray | None = None,
+    fps: float = 6.0,
+) -> Path:
+    """Write every frame of a video, with its predicted mask tinted, as a playable .mp4 at ``fps`` frames per
+    second; returns ``path`` (parent folders are created).
+
+    ``frames`` (T, H, W, 3) uint8 RGB, ``masks`` and ``gt_masks`` (T, H, W) bool; the GT mask, when given, is
+    outlined in magenta. On frame ``keyframe`` (a frame index; none outside [0, T)) the ``boxes`` (K, 4)
+    [x1, y1, x2, y2] in video pixels are drawn in yellow inside a yellow border, and its bottom line says
+    "keyframe". Each frame carries the caption (wrapped to two lines, cut with "...") in a dark strip at the
+    top and "t=<index>" in one at the bottom.
+
+    Encoded with H.264 (libx264, yuv420p). yuv420p needs even sizes, so an odd width or height is padded by
+    one black pixel at the right or bottom. A PyAV build without libx264 gets MPEG-4 part 2 ("mpeg4")
+    instead, which players also read from an .mp4. PyAV is imported here: training processes that draw
+    pictures (the GRPO driver's samples) never need it."""
+    import av
+
+    frames = np.asarray(frames)
+    masks = np.asarray(masks, dtype=bool)
+    gt = None if gt_masks is None else np.asarray(gt_masks, dtype=bool)
+    _check_video(frames, masks, gt)
+    count, height, width = frames.shape[:3]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    caption_lines = _fit_lines(caption, width - 8, _font_scale(width), _CAPTION_LINES)
+    bottom = max(0, height - _strip_height(1, width))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(_video_codec(), rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        for index in range(count):
+            image = overlay_frame(frames[index], masks[index], None if gt is None else gt[index])
+            _text_strip(image, caption_lines, 0)
+            is_keyframe = index == keyframe
+            label, colour = (
+                (f"t={index}  keyframe", BOX_COLOUR) if is_keyframe else (f"t={index}", TEXT_COLOUR)
+            )
+            _text_strip(image, [label], bottom, colour)
+            if is_keyframe:
+                _mark_keyframe(image, boxes)
+            image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def sampled_frames_strip(
+    frames: np.ndarray,
+    frame_indices: Sequence[int],
+    keyframe: int | None = None,
+    boxes_560: np.ndarray | None = None,
+    caption: str = "",
+) -> np.ndarray:
+    """The N frames the policy saw, (N, S, S, 3) uint8 RGB, side by side as one RGB image, each shrunk to at
+    most STRIP_TILE_WIDTH pixels wide and labelled "(<index>s)" with its frame index.
+
+    The tile whose frame index equals ``keyframe`` gets a yellow border and the boxes ``boxes_560`` (K, 4)
+    [x1, y1, x2, y2] in the S x S pixels of ``frames`` (scaled with the tile). The caption, wrapped to the
+    strip's width (two lines at most), stands in a dark band above the tiles."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (N, S, S, 3) RGB, got shape {frames.shape}")
+    if len(frame_indices) != len(frames):
+        raise ValueError(f"{len(frame_indices)} frame indices for {len(frames)} frames")
+    height, width = frames.shape[1:3]
+    scale = min(1.0, STRIP_TILE_WIDTH / width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    tiles = []
+    for frame, index in zip(frames, frame_indices, strict=True):
+        tile = np.ascontiguousarray(
+            frame if scale == 1.0 else cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        )
+        _text_strip(tile, [f"({int(index)}s)"], 0)
+        if keyframe is not None and int(index) == keyframe:
+            _mark_keyframe(
+                tile, None if boxes_560 is None else np.asarray(boxes_560, dtype=np.float64) * scale
+            )
+        tiles.append(tile)
+    row = np.concatenate(tiles, axis=1)
+    lines = _fit_lines(caption, row.shape[1] - 8, _font_scale(row.shape[1]), _CAPTION_LINES)
+    header = np.zeros((_strip_height(len(lines), row.shape[1]), row.shape[1], 3), dtype=np.uint8)
+    _text_strip(header, lines, 0)
+    return np.concatenate([header, row], axis=0)
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 RGB image as PNG at ``path`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)

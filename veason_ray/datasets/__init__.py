@@ -23,6 +23,7 @@ from veason_ray.datasets.records import (
 )
 from veason_ray.datasets.revos import ReVOSDataset
 from veason_ray.datasets.rle import RLEFormatError, decode_rle, encode_mask, union_masks
+from veason_ray.datasets.selection import select_expressions
 
 DATASETS: dict[str, type[VOSDataset]] = {
     "revos": ReVOSDataset,
@@ -60,5 +61,6 @@ __all__ = [
     "decode_rle",
     "encode_mask",
     "open_dataset",
+    "select_expressions",
     "union_masks",
 ]

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from veason_ray.inference import AnswerGenerator, PolicyInput
+
 
 @dataclass
 class GenerationSettings:
@@ -98,3 +100,18 @@ class HFPolicy:
         output = self.model.generate(**inputs, **kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+class HFAnswerGenerator(AnswerGenerator):
+    """The inference seam on Hugging Face `generate` in this process: `batch_size` inputs per call (greedy at
+    temperature 0). No constrained decoding (that is vLLM's structured outputs)."""
+
+    def __init__(self, policy: HFPolicy, settings: GenerationSettings, batch_size: int = 8):
+        self.policy, self.settings, self.batch_size = policy, settings, max(1, batch_size)
+
+    def answer(self, inputs: Sequence[PolicyInput]) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            answers.extend(self.policy.generate([item.messages() for item in chunk], self.settings))
+        return answers

@@ -24,8 +24,11 @@ files and adding videos leaves the earlier ones unchanged.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,23 +128,53 @@ def _write_frames(store: ObjectStore, frame_dir: str, scene: Scene) -> list[str]
     return names
 
 
-def _write_revos(store: ObjectStore, summary: SynthSummary, cfg: WorldConfig, valid: set[int]) -> None:
+@dataclass
+class _RenderedVideo:
+    """One ReVOS-layout video written to storage: its frame names, expressions, and per object the COCO RLE of
+    its visible pixels on every frame (None where hidden), plus the union of all objects per frame."""
+
+    name: str
+    frames: list[str]
+    expressions: list[SynthExpression]
+    object_rles: list[list[dict | None]]
+    foreground_rles: list[dict]
+
+
+def _render_revos_video(
+    store: ObjectStore, out: str, seed: int, cfg: WorldConfig, index: int
+) -> _RenderedVideo:
+    scene, exprs = simulate_video(seed, index, cfg)
+    name = f"synth/v{index:04d}"
+    frames = _write_frames(store, join_uri(out, "JPEGImages", name), scene)
+    objects = [[encode_mask(m) if m.any() else None for m in masks] for masks in scene.modal]
+    foreground = [encode_mask(m) for m in scene.modal.any(axis=0)]
+    return _RenderedVideo(name, frames, exprs, objects, foreground)
+
+
+def _write_revos(
+    store: ObjectStore, summary: SynthSummary, cfg: WorldConfig, valid: set[int], workers: int = 1
+) -> None:
     out, seed = summary.out_dir, summary.seed
     metas: dict[str, dict] = {"train": {}, "valid": {}}
     mask_dict: dict[str, list] = {}
     foreground: dict[str, dict] = {}
-    for index in range(summary.num_videos):
-        scene, exprs = simulate_video(seed, index, cfg)
-        name = f"synth/v{index:04d}"
-        frames = _write_frames(store, join_uri(out, "JPEGImages", name), scene)
+    indices = range(summary.num_videos)
+    render = functools.partial(_render_revos_video, store, out, seed, cfg)
+    if workers > 1:  # each video is independent (its own generator): render them in parallel, in order
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            videos = list(pool.map(render, indices))
+    else:
+        videos = map(render, indices)
+    for index, video in zip(indices, videos, strict=True):
+        exprs, name = video.expressions, video.name
         anno_ids = []
-        for masks in scene.modal:
+        for rles in video.object_rles:
             anno_ids.append(len(mask_dict))
-            mask_dict[str(anno_ids[-1])] = [encode_mask(m) if m.any() else None for m in masks]
+            mask_dict[str(anno_ids[-1])] = rles
         phantom = None  # (obj_id, anno_id) of the video's no-target object
         if any(e.type_id == NO_TARGET for e in exprs):
-            phantom = (len(scene.objects), len(mask_dict))
-            mask_dict[str(phantom[1])] = [None] * scene.num_frames
+            phantom = (len(video.object_rles), len(mask_dict))
+            mask_dict[str(phantom[1])] = [None] * cfg.num_frames
         expressions = {}
         for k, e in enumerate(exprs):
             summary.count(e)
@@ -153,13 +186,15 @@ def _write_revos(store: ObjectStore, summary: SynthSummary, cfg: WorldConfig, va
             "vid_id": index,
             "height": cfg.height,
             "width": cfg.width,
-            "frames": frames,
+            "frames": video.frames,
             "expressions": expressions,
         }
-        foreground[name] = {"masks_rle": [encode_mask(m) for m in scene.modal.any(axis=0)]}
-    for split, videos in metas.items():
-        summary.videos_per_split[split] = len(videos)
-        store.write_bytes(join_uri(out, f"meta_expressions_{split}_.json"), _json({"videos": videos}))
+        foreground[name] = {"masks_rle": video.foreground_rles}
+    for split, videos_of_split in metas.items():
+        summary.videos_per_split[split] = len(videos_of_split)
+        store.write_bytes(
+            join_uri(out, f"meta_expressions_{split}_.json"), _json({"videos": videos_of_split})
+        )
     store.write_bytes(join_uri(out, "mask_dict.json"), _json(mask_dict))
     store.write_bytes(join_uri(out, "mask_dict_foreground.json"), _json(foreground))
 
@@ -211,12 +246,14 @@ def write_synthetic_dataset(
     storage: StorageConfig | None = None,
     min_objects: int = _DEFAULTS.min_objects,
     max_objects: int = _DEFAULTS.max_objects,
+    workers: int = 1,
 ) -> SynthSummary:
     """Simulate ``num_videos`` videos and write them with their expressions and masks under ``out_dir`` (a
     local folder or s3:// prefix) in the ``layout`` ("revos" or "reasonvos"). ``valid_fraction`` of the videos
     go to the ReVOS valid split (at least one and not all of them when it is positive); ReasonVOS has one
     split. Each scene holds ``min_objects`` to ``max_objects`` objects. Existing files of the same names are
-    replaced; others are left alone."""
+    replaced; others are left alone. ``workers`` > 1 renders ReVOS-layout videos in that many processes (the
+    same bytes as one process: each video has its own generator)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
     if num_videos < 1 or num_frames < 2:
@@ -232,7 +269,7 @@ def write_synthetic_dataset(
     )
     summary = SynthSummary(out, layout, num_videos, num_frames, height, width, seed)
     if layout == "revos":
-        _write_revos(store, summary, cfg, _valid_videos(num_videos, valid_fraction, seed))
+        _write_revos(store, summary, cfg, _valid_videos(num_videos, valid_fraction, seed), workers)
     else:
         _write_reasonvos(store, summary, cfg)
     return summary
