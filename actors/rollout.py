@@ -478,7 +478,8 @@ class RolloutEngine:
         every prompt token the engine had to provide, whether computed or served from cache; its ceiling with
         prefill_first is n / (n + 1) (the warm-up computes each prompt once), without it (n - 1) / n.
         Seconds: `warmup_seconds` (prefill-first pass), `generate_seconds` (vLLM's generate of the n samples),
-        `convert_seconds` (vLLM outputs to Rollouts, texts decoded)."""
+        `convert_seconds` (vLLM outputs to Rollouts, texts decoded). After `answer`: `answers` and
+        `answer_tokens` (the tokens written in all)."""
         return dict(self._last_stats)
 
     # ---- weights: reload path (CPU and any machine) ----
@@ -588,8 +589,9 @@ class RolloutEngine:
 
 
 class EngineAnswerGenerator(AnswerGenerator):
-    """The inference seam on a rollout engine in this process (`veason infer`, the evaluation's policy stage):
-    the same vLLM engine code that samples GRPO groups answers inference inputs."""
+    """The inference seam on a rollout engine in this process (`veason infer`, the Serve app): the same vLLM
+    engine code that samples GRPO groups answers inference inputs. (The evaluation's policy stage calls
+    `RolloutEngine.answer` itself, batching the videos that wait together.)"""
 
     def __init__(self, engine: RolloutEngine, settings: InferenceConfig):
         self.engine, self.settings = engine, settings

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from veason_ray.config import VeasonConfig
-from veason_ray.datasets import ExpressionRecord, open_dataset
+from veason_ray.datasets import DatasetFormatError, ExpressionRecord, open_dataset
 from veason_ray.evaluation import (
     ExpressionResult,
     expression_result,
@@ -149,9 +149,15 @@ def video_items(records: list[ExpressionRecord]) -> list[dict[str, str]]:
     return [{"video": v, "exp_ids": json.dumps(ids)} for v, ids in by_video.items()]
 
 
+# What unreadable data raises: a video or mask the dataset cannot deliver fails its expressions, not the job.
+BAD_DATA = (BadDataError, DatasetFormatError, OSError)
+
+
 def _bad_data(error: Exception) -> str:
     if isinstance(error, BadDataError):
         return f"{error.reason}: {error}"
+    if isinstance(error, DatasetFormatError):
+        return f"bad_dataset_entry: {error}"
     return f"read_error: {type(error).__name__}: {error}"
 
 
@@ -188,14 +194,14 @@ class PolicyViewReader(_DatasetStage):
             info = self.dataset.video(video)
             indices = policy_frame_indices(info.num_frames, data.eval_num_frames)
             view = policy_frames(self._frames(video, list(indices)), data.frame_size)
-        except (BadDataError, OSError) as error:
+        except BAD_DATA as error:
             row.fail(_bad_data(error))
             return row
         gts = []
         for item, record in zip(row.expressions, records, strict=True):
             try:
                 gt_masks, gt_boxes = read_ground_truth(self.dataset, record, indices, data.frame_size)
-            except (BadDataError, OSError) as error:
+            except BAD_DATA as error:
                 item["error"] = _bad_data(error)
                 gts.append(np.zeros(view.shape[:3], bool))
                 continue
@@ -305,7 +311,7 @@ class FrameReader(_DatasetStage):
             started = time.perf_counter()
             try:
                 row.frames = self._frames(row.video)
-            except (BadDataError, OSError) as error:
+            except BAD_DATA as error:
                 row.fail(_bad_data(error))
             row.timed("read_frames", time.perf_counter() - started)
         return encode_rows(rows)

@@ -159,3 +159,21 @@ def test_a_run_killed_halfway_resumes_to_the_same_summary(local_ray, tmp_path, s
     for key in ("expressions", "failed", "subsets", "extra_subsets", "rewards", "parse_rate"):
         assert got[key] == expected[key], key
     assert len((cut / "results.jsonl").read_text().splitlines()) == total
+
+
+def test_a_split_in_object_storage(local_ray, tmp_path, synthetic_revos, s3_server, s3_bucket):
+    """The same job on the dataset read from an S3-compatible server (moto on 127.0.0.1) by every stage."""
+    from pipelines.evaluate import run_evaluation
+
+    remote = f"{s3_bucket}/revos"
+    store_for(remote, s3_server).upload_tree(synthetic_revos, remote)
+    cfg = _config("revos", synthetic_revos, tmp_path / "eval")
+    cfg.data.root, cfg.storage = remote, s3_server
+    report = run_evaluation(cfg)
+    local = open_dataset("revos", str(synthetic_revos), "valid")
+    assert report.summary["expressions"] == len(local) and report.summary["failed"] == 0
+    assert report.summary["subsets"]["overall"]["jf"] >= 0.9
+    record = next(local.expressions())
+    assert len(list((tmp_path / "eval" / "masks" / record.video / record.exp_id).glob("*.png"))) == len(
+        local.video(record.video).frame_names
+    )
