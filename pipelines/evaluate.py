@@ -224,6 +224,7 @@ def _run_pipeline(
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # one bar: expressions, below
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its execution plan and per-operator lines
     pipeline = build_pipeline(cfg, split, video_items(todo), output_dir)
     watch = StallWatch(cfg.eval.stall_timeout_s)
     failed, started, first = 0, time.perf_counter(), {"first_result_s": None, "first_results": 0}

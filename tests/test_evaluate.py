@@ -177,3 +177,14 @@ def test_a_split_in_object_storage(local_ray, tmp_path, synthetic_revos, s3_serv
     assert len(list((tmp_path / "eval" / "masks" / record.video / record.exp_id).glob("*.png"))) == len(
         local.video(record.video).frame_names
     )
+
+
+def test_a_stalled_wait_is_interrupted_at_its_deadline():
+    from pipelines.evaluate import StallWatch
+
+    watch = StallWatch(timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        while time.monotonic() - started < 10:  # a wait that never sees a result
+            time.sleep(0.05)
+    assert watch.fired and time.monotonic() - started < 6
