@@ -151,6 +151,7 @@ def video_items(records: list[ExpressionRecord]) -> list[dict[str, str]]:
 
 # What unreadable data raises: a video or mask the dataset cannot deliver fails its expressions, not the job.
 BAD_DATA = (BadDataError, DatasetFormatError, OSError)
+ENGINE_DIED = "engine_died"  # the error kind of expressions whose engine died twice under them
 
 
 def _bad_data(error: Exception) -> str:
@@ -279,25 +280,35 @@ class PolicyAnswerer:
 
     def _answer_videos(self, videos: list[list[PolicyInput]]) -> list[tuple[list[str], int, float, str]]:
         """One engine call for every waiting video's inputs: per video (answers, videos in the call, its
-        seconds, error)."""
+        seconds, error). A request error (not a dead engine) fails the call of all of them, so each video is
+        then asked alone: only the videos whose own request fails are reported failed."""
+        started = time.perf_counter()
+        texts, error = self._answer(videos)
+        if error and len(videos) > 1 and not error.startswith(ENGINE_DIED):
+            return [self._answer_videos([inputs])[0] for inputs in videos]
+        seconds = time.perf_counter() - started
+        if error:
+            return [([], len(videos), seconds, error) for _ in videos]
+        answers = iter(texts)
+        return [([next(answers) for _ in inputs], len(videos), seconds, "") for inputs in videos]
+
+    def _answer(self, videos: list[list[PolicyInput]]) -> tuple[list[str], str]:
+        """(answers, "") or ([], error). A vLLM that dies is rebuilt in place and the call retried once."""
         from actors.engine_health import RolloutEngineDead
 
         flat = [item for inputs in videos for item in inputs]
-        error, started = "", time.perf_counter()
+        error = ""
         for attempt in range(2):
             try:
-                texts = iter(self.engine.answer(flat, self.cfg.inference))
-                seconds = time.perf_counter() - started
-                return [([next(texts) for _ in inputs], len(videos), seconds, "") for inputs in videos]
+                return self.engine.answer(flat, self.cfg.inference), ""
             except RolloutEngineDead as dead:
-                log.warning("policy engine died (%s); restarting it in place", dead)
-                error = f"engine_error: {dead}"
+                error = f"{ENGINE_DIED}: {dead}"
                 if attempt == 0:
+                    log.warning("policy engine died (%s); restarting it in place", dead)
                     self.engine.restart_engine()
             except Exception as failure:  # noqa: BLE001 - reported per expression, the job goes on
-                error = f"engine_error: {type(failure).__name__}: {failure}"
-                break
-        return [([], len(videos), time.perf_counter() - started, error) for _ in videos]
+                return [], f"engine_error: {type(failure).__name__}: {failure}"
+        return [], error
 
 
 class FrameReader(_DatasetStage):

@@ -188,3 +188,19 @@ def test_a_stalled_wait_is_interrupted_at_its_deadline():
         while time.monotonic() - started < 10:  # a wait that never sees a result
             time.sleep(0.05)
     assert watch.fired and time.monotonic() - started < 6
+
+
+def test_an_engine_error_is_recorded_per_expression(local_ray, tmp_path, synthetic_revos):
+    """Prompts longer than the engine's context (a request error, the engine lives): every expression is
+    recorded with the engine's reason, and the job finishes."""
+    from pipelines.evaluate import run_evaluation
+    from veason_ray.models.tiny_qwen import write_tiny_qwen
+
+    policy = write_tiny_qwen(tmp_path / "qwen2_5_vl_tiny", seed=0)
+    cfg = _config("revos", synthetic_revos, tmp_path / "eval", "eval.answers=policy", f"model.policy={policy}",
+                  "rollout.max_model_len=64", "inference.max_new_tokens=8", "eval.worst_overlays=0")  # fmt: skip
+    report = run_evaluation(cfg)
+    dataset = open_dataset("revos", str(synthetic_revos), "valid")
+    assert len(report.results) == len(dataset) and report.summary["failed"] == len(dataset)
+    assert all(r.error.startswith("engine_error: ") for r in report.results)
+    assert report.summary["failures"] == {"engine_error": len(dataset)}
