@@ -189,7 +189,7 @@ def run_evaluation(
     if cfg.eval.retry_failed:
         done = {key: r for key, r in done.items() if r.error is None}
     todo = [r for r in records if r.key not in done]
-    started = time.perf_counter()
+    started, timing = time.perf_counter(), {"first_result_s": None, "first_results": 0}
     if todo:
         print(
             f"evaluating {len(todo)} expressions of {cfg.data.dataset} {split} ({len(records) - len(todo)} "
@@ -209,7 +209,7 @@ def run_evaluation(
         seconds=seconds if todo else 0.0,
         evaluated=len(todo),
     )
-    summary.update(timing if todo else {"first_result_s": None, "first_results": 0})
+    summary.update(timing)
     summary["worst_overlays"] = draw_worst(cfg, dataset, results, output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "summary.md").write_text(summary_markdown(summary))
