@@ -98,10 +98,7 @@ class VideoRow:
         return [(i, e) for i, e in enumerate(self.expressions) if not e.get("error")]
 
     def record(self, index: int) -> ExpressionRecord:
-        doc = self.expressions[index]["record"]
-        return ExpressionRecord(
-            **{**doc, "obj_ids": tuple(doc["obj_ids"]), "anno_ids": tuple(doc["anno_ids"])}
-        )
+        return ExpressionRecord.from_json(self.expressions[index]["record"])
 
     def timed(self, stage: str, seconds: float) -> None:
         self.meta.setdefault("seconds", {})[stage] = round(seconds, 4)

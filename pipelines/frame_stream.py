@@ -98,10 +98,7 @@ def skip_row(key: str, reason: str, detail: str) -> dict[str, Any]:
 def decode_material(frames: pa.Buffer | bytes, masks: pa.Buffer | bytes, meta_text: str) -> FrameMaterial:
     """The inverse of :func:`encode_material`; the frames are a read-only view of ``frames`` (no copy)."""
     meta = json.loads(meta_text)
-    record = meta["record"]
-    record = ExpressionRecord(
-        **{**record, "obj_ids": tuple(record["obj_ids"]), "anno_ids": tuple(record["anno_ids"])}
-    )
+    record = ExpressionRecord.from_json(meta["record"])
     masks_shape = tuple(meta["masks_shape"])
     packed = np.frombuffer(masks, np.uint8)
     gt_masks = np.unpackbits(packed, count=int(np.prod(masks_shape))).reshape(masks_shape).astype(bool)

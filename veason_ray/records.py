@@ -66,6 +66,11 @@ class ExpressionRecord:
     def type_name(self) -> str | None:
         return None if self.type_id is None else TYPE_NAMES[self.type_id]
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ExpressionRecord:
+        """The record from its `dataclasses.asdict` form after a JSON round trip (lists back to tuples)."""
+        return cls(**{**doc, "obj_ids": tuple(doc["obj_ids"]), "anno_ids": tuple(doc["anno_ids"])})
+
 
 def sample_key(record: ExpressionRecord) -> str:
     """``dataset/split/video/exp_id``: unique across datasets and splits (the id of a Sample and of its cache
