@@ -64,3 +64,21 @@ class RequestBatcher:
                 continue
             for (_, done), result in zip(batch, results, strict=True):
                 done.set_result(result)
+
+
+def each_on_failure(process: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> list[Any]:
+    """`process(items)`, one result per item; when the batch call fails, each item alone, so that a bad item
+    fails only its own caller: its exception is returned in its place (the Serve deployments raise it in
+    that request)."""
+    try:
+        return list(process(items))
+    except Exception as error:  # returned in the item's place
+        if len(items) == 1:
+            return [error]
+    results: list[Any] = []
+    for item in items:
+        try:
+            results.extend(process([item]))
+        except Exception as error:
+            results.append(error)
+    return results

@@ -410,6 +410,11 @@ class RolloutEngine:
         }
         return rollouts
 
+    @property
+    def dead_reason(self) -> str:
+        """Why this engine's vLLM is dead ("" while it serves)."""
+        return self._dead
+
     def _run(self, prompts: list[dict[str, Any]], params: Any) -> Any:
         """vLLM's generate. A vLLM that is dead, or dies under it, raises RolloutEngineDead (the pool restarts
         the engine); any other error is the request's and propagates as it is."""

@@ -8,6 +8,7 @@ veason grpo CONFIG [key=value ...]       GRPO training (the main job; `ray job s
 veason infer CONFIG input=V query="..."  segment one video (an .mp4, a JPEG folder, or s3://)
 veason eval CONFIG [key=value ...]       evaluate a policy on a benchmark split (J, F, J&F, R)
 veason compare RUN_A RUN_B               compare two evaluation runs
+veason serve CONFIG [key=value ...]      the model behind an HTTP endpoint (Ray Serve) and a page to try it
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("pipelines.infer", 'segment one video: input=VIDEO query="..." -> masks, RLE, overlay video'),
     "eval": ("pipelines.evaluate", "evaluate a policy on a benchmark split (Ray Data job, resumable)"),
     "compare": ("pipelines.eval_compare", "compare two evaluation runs: a table per subset and a chart"),
+    "serve": ("pipelines.serve_command", "serve the model over HTTP (Ray Serve): /v1 API and a page at /"),
 }
 
 

@@ -332,19 +332,10 @@ class MaskPredictor:
     on the sampled frames (`score_groups`, one shared pass). The frames are dropped from the row here."""
 
     def __init__(self, cfg: VeasonConfig):
-        import torch
-
-        from veason_ray.models.propagator_choice import build_mask_propagator
+        from veason_ray.models.propagator_choice import mask_propagator_for
 
         self.cfg = cfg
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.propagator = build_mask_propagator(
-            cfg.reward,
-            device=device,
-            storage=cfg.storage,
-            cache_dir=cfg.model.cache_dir or None,
-            batched=True,
-        )
+        self.propagator = mask_propagator_for(cfg, batched=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = decode_rows(batch)

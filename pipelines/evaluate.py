@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -144,6 +145,11 @@ class StallWatch:
 
     def __init__(self, timeout_s: float):
         self.timeout_s, self.last = timeout_s, time.monotonic()
+        # `interrupt_main` does nothing while SIGINT has no Python handler (code such as vLLM's engine-core
+        # entry point leaves SIG_DFL behind); a driver's main thread gets Python's own back
+        main = threading.current_thread() is threading.main_thread()
+        if main and not callable(signal.getsignal(signal.SIGINT)):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.fired, self._stop = False, threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="eval-stall-watch").start()
 

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actors.answer_generators import build_answer_generator
     from veason_ray.inference import VideoSegmenter, check_answer_budget, policy_view
-    from veason_ray.models.propagator_choice import build_mask_propagator
+    from veason_ray.models.propagator_choice import mask_propagator_for
     from veason_ray.object_store import store_for
     from veason_ray.video_decoding import BadDataError, VideoTooLongError, read_whole_video
 
@@ -122,9 +122,7 @@ def run(args: argparse.Namespace) -> int:
         generator = build_answer_generator(cfg, device)
     except ValueError as error:
         raise SystemExit(f"veason infer: {error}") from None
-    propagator = build_mask_propagator(
-        cfg.reward, device=device, storage=cfg.storage, cache_dir=cfg.model.cache_dir or None
-    )
+    propagator = mask_propagator_for(cfg, batched=False, device=device)
     segmenter = VideoSegmenter(generator, propagator, cfg.data.eval_num_frames, cfg.data.frame_size)
     result = segmenter.segment(frames, cfg.infer.query)
     result.seconds = {"read": read_s, **result.seconds}

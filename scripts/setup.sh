@@ -5,6 +5,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VEASON_VENV:-.venv}"
 PY="${VEASON_PYTHON:-python3.11}"
+# The page test (tests/test_serve_page.py) drives Debian's headless chromium through chromedriver. Checked
+# before the venv stamp, so a machine whose venv is already set up still gets the browser; two PATH look-ups
+# when it is there. VEASON_SKIP_BROWSER=1 skips it (the page test is skipped too).
+install_browser() {
+  if [ "${VEASON_SKIP_BROWSER:-0}" = 1 ] || { command -v chromium && command -v chromedriver; } >/dev/null; then
+    return 0
+  fi
+  local sudo=() skip="or set VEASON_SKIP_BROWSER=1 to go on without the page test"
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then
+    sudo=(sudo)
+  fi
+  if ! command -v apt-get >/dev/null || { [ "$(id -u)" != 0 ] && [ ${#sudo[@]} = 0 ]; }; then
+    echo "[setup] WARNING: chromium and chromedriver are not on PATH, and installing them needs apt-get as" \
+      "root or with sudo: install Debian's chromium and chromium-driver packages, $skip" >&2
+    return 0
+  fi
+  echo "[setup] installing Debian's chromium and chromium-driver (for tests/test_serve_page.py)"
+  {
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver
+  } || {
+    echo "[setup] apt-get could not install chromium and chromium-driver: fix that and rerun, $skip" >&2
+    exit 1
+  }
+}
+install_browser
+
 key=$(cat pyproject.toml constraints/cpu.txt scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.veason-setup-$key"
 if [ -f "$stamp" ]; then

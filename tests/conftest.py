@@ -122,3 +122,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
     )
+
+
+@pytest.fixture(scope="session")
+def serve_server(tmp_path_factory: pytest.TempPathFactory, s3_server: StorageConfig):
+    """`veason serve` running on 127.0.0.1 (tests/serve_server.py), shared by the API and page tests."""
+    from serve_server import start_serve_server
+
+    yield from start_serve_server(tmp_path_factory.mktemp("serve"), s3_server)

@@ -180,8 +180,11 @@ def test_a_split_in_object_storage(local_ray, tmp_path, synthetic_revos, s3_serv
 
 
 def test_a_stalled_wait_is_interrupted_at_its_deadline():
+    import signal
+
     from pipelines.evaluate import StallWatch
 
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as vLLM's engine-core entry point leaves it
     watch = StallWatch(timeout_s=0.3)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):

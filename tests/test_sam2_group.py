@@ -153,3 +153,27 @@ def test_a_failing_batch_is_retried_request_by_request(predictor, monkeypatch):
             assert s.reward.consistency == 0.0 and "CUDA out of memory" in s.reward.consistency_error
         else:
             assert s.reward.consistency_error is None
+
+
+def test_frame_by_frame_propagation_gives_the_same_masks_in_propagation_order(predictor):
+    """`propagate_frames` (what the Serve app streams) yields every frame once, the keyframe first, then
+    forward, then backward, with exactly `propagate`'s masks, for SAM2 and for the seam's default."""
+    from veason_ray.mask_propagation import MaskPropagator, propagation_order
+
+    class Whole(MaskPropagator):  # the seam's default: a whole-clip propagator streamed afterwards
+        def propagate(self, frames, keyframe_position, boxes):
+            return SAM2MaskPropagator(predictor).propagate(frames, keyframe_position, boxes)
+
+    frames = _clip(3, num_frames=6)
+    boxes = np.array([[8, 20, 44, 52], [50, 2, 70, 30]], dtype=np.float32)
+    assert propagation_order(6, 2) == [2, 3, 4, 5, 1, 0]
+    for keyframe in (0, 2, 5):
+        want = SAM2MaskPropagator(predictor).propagate(frames, keyframe, boxes)
+        assert want.any()
+        for propagator in (SAM2MaskPropagator(predictor), SAM2GroupPropagator(predictor), Whole()):
+            streamed = list(propagator.propagate_frames(frames, keyframe, boxes))
+            assert [position for position, _ in streamed] == propagation_order(6, keyframe)
+            got = np.stack([mask for _, mask in sorted(streamed, key=lambda item: item[0])])
+            np.testing.assert_array_equal(got, want)
+    empty = list(SAM2MaskPropagator(predictor).propagate_frames(frames, 1, np.zeros((0, 4), np.float32)))
+    assert [p for p, _ in empty] == propagation_order(6, 1) and not any(m.any() for _, m in empty)

@@ -348,12 +348,58 @@ class EvalConfig:
 
 
 @dataclass
+class ServeDeploymentConfig:
+    """One deployment of the Serve app: its replicas (a fixed count, or autoscaled between min and max on
+    requests in flight per replica), the resources of each replica, and how requests are batched."""
+
+    replicas: int = 1  # when autoscale is off
+    autoscale: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0  # autoscaling's aim: requests in flight per replica
+    num_gpus: float = 0.0  # per replica; fractional shares one GPU between deployments
+    num_cpus: float = 1.0
+    max_ongoing_requests: int = 16  # more in flight wait in the caller's queue (backpressure)
+    max_batch_size: int = 8  # requests that arrive together and share one model call
+    batch_wait_timeout_s: float = 0.01  # how long the first request of a batch waits for others
+
+
+@dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
+    """The Ray Serve app (`veason serve`, serve/): the ingress (HTTP, decoding, limits), the policy (answers)
+    and the mask deployment (SAM2 propagation), with the guard rails on what a request may ask for."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
     port: int = 8000
     route_prefix: str = "/"
-    replicas: int = 1
-    max_frames: int = 64
+    app_name: str = "veason"
+    # the name of the environment variable that holds the API key; unset or empty there = no key asked for
+    api_key_env: str = "VEASON_API_KEY"
+    model_version: str = ""  # in every response; empty = a digest of the checkpoint's config and weight files
+    request_timeout_s: float = 600.0  # deadline of one request's model calls
+    # limits on what a request may bring
+    max_upload_mb: float = 200.0  # an uploaded or fetched video, or all of a request's frames
+    max_frames: int = 300  # frames of a video (every frame and its mask are held in memory)
+    max_duration_s: float = 120.0  # seconds of a video file
+    max_side: int = 1920  # pixels of a frame's longer side
+    max_query_chars: int = 1000
+    max_policy_frames: int = 16  # the most frames a request may ask the policy to see (num_frames)
+    default_fps: float = 6.0  # frame rate of frames sent as images (the overlay video's)
+    # fetching video URLs (http, https, s3)
+    url_timeout_s: float = 30.0  # the whole download
+    allow_private_urls: bool = (
+        False  # fetch from loopback, private and link-local addresses (never by default)
+    )
+    overlay_workers: int = 2  # threads of the ingress encoding overlay videos and masks
+    ingress: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(num_cpus=2.0, max_ongoing_requests=64)
+    )
+    policy: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(max_ongoing_requests=64, max_batch_size=16)
+    )
+    masks: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(max_ongoing_requests=32, max_batch_size=8)
+    )
 
 
 @dataclass

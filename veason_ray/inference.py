@@ -182,6 +182,25 @@ class VideoSegmentation:
     empty_reason: str | None
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls, policy_in: PolicyInput, located: LocatedAnswer, masks: np.ndarray, seconds: Mapping[str, float]
+    ) -> VideoSegmentation:
+        """The result of one query from its steps: what the policy saw, its located answer, the masks."""
+        return cls(
+            query=policy_in.query,
+            frame_indices=policy_in.frame_indices,
+            answer=located.text,
+            reasoning=located.reasoning,
+            keyframe=located.keyframe,
+            boxes=located.boxes,
+            boxes_560=located.boxes_560,
+            masks=masks,
+            parse_failure=located.parse_failure,
+            empty_reason=located.empty_reason,
+            seconds=dict(seconds),
+        )
+
     def as_json(self) -> dict[str, Any]:
         """Everything but the masks, as JSON values."""
         return {
@@ -240,18 +259,5 @@ class VideoSegmenter:
         masks = propagate_answers(dict(enumerate(videos)), list(enumerate(located)), self.propagator)
         seconds["propagate"] = time.perf_counter() - clock
         return [
-            VideoSegmentation(
-                query=i.query,
-                frame_indices=i.frame_indices,
-                answer=a.text,
-                reasoning=a.reasoning,
-                keyframe=a.keyframe,
-                boxes=a.boxes,
-                boxes_560=a.boxes_560,
-                masks=m,
-                parse_failure=a.parse_failure,
-                empty_reason=a.empty_reason,
-                seconds=dict(seconds),
-            )
-            for i, a, m in zip(inputs, located, masks, strict=True)
+            VideoSegmentation.of(i, a, m, seconds) for i, a, m in zip(inputs, located, masks, strict=True)
         ]

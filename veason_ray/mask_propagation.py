@@ -9,7 +9,7 @@ classical colour tracker for the synthetic world (`veason_ray/models/colour_prop
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,23 @@ class MaskPropagator(abc.ABC):
         (T, H, W, 3) uint8 frames. This default propagates one request at a time; implementations that share
         work across requests (SAM2's image features) override it."""
         return [self.propagate(videos[r.video], r.keyframe_position, r.boxes) for r in requests]
+
+    def propagate_frames(
+        self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """`propagate` frame by frame: (frame position, (H, W) bool mask) for every frame once, in
+        `propagation_order` (the keyframe, forward to the last frame, then backward to the first), for callers
+        that stream masks out as they come. This default propagates the whole clip first; SAM2 yields each frame
+        as it is tracked."""
+        masks = self.propagate(frames, keyframe_position, boxes)
+        for position in propagation_order(len(masks), int(keyframe_position)):
+            yield position, masks[position]
+
+
+def propagation_order(num_frames: int, keyframe_position: int) -> list[int]:
+    """The order in which propagation reaches the frames of a clip: the keyframe, the frames after it, then
+    the frames before it from the nearest back to the first."""
+    return [*range(keyframe_position, num_frames), *range(keyframe_position - 1, -1, -1)]
 
 
 def check_propagation_inputs(frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> None:

@@ -34,6 +34,7 @@ VIDEO_FORMATS = ("jpeg", "mp4")
 VIDEO_BACKENDS = ("pyav", "decord")
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EOI_TAIL = 1024  # bytes at the end of a JPEG searched for its end marker (padding after it is tolerated)
 _SEEK_GAP = 16  # frames: a later needed frame further than this from the decoder's position is sought to
 
@@ -314,7 +315,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 class VideoTooLongError(ValueError):
-    """The video has more frames than the caller allows (every frame and its mask are held in memory)."""
+    """The video has more frames, or lasts longer, than the caller allows (every frame and its mask are held in
+    memory)."""
+
+
+class VideoTooLargeError(ValueError):
+    """A frame of the video is larger than the caller allows."""
 
 
 @dataclass(frozen=True)
@@ -328,56 +334,93 @@ class WholeVideo:
     fps: float | None
 
 
-def read_whole_video(store: ObjectStore, uri: str, max_frames: int) -> WholeVideo:
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a caller accepts of a whole video: at most `max_frames` frames, `max_side` pixels on a frame's
+    longer side and `max_duration_s` seconds of a video file (0 = no limit on the last two). Sizes and
+    durations are checked from the container's header before any frame is decoded."""
+
+    max_frames: int
+    max_side: int = 0
+    max_duration_s: float = 0.0
+
+    def check_size(self, uri: str, width: int, height: int) -> None:
+        if self.max_side and max(width, height) > self.max_side:
+            raise VideoTooLargeError(
+                f"{uri}: frames of {width}x{height}, larger than {self.max_side} pixels on the longer side"
+            )
+
+    def check_count(self, uri: str, count: int) -> None:
+        if count > self.max_frames:
+            raise VideoTooLongError(f"{uri}: more than the {self.max_frames} frames allowed")
+
+
+def read_whole_video(store: ObjectStore, uri: str, limits: VideoLimits | int) -> WholeVideo:
     """Decode every frame of ``uri``: a video file (.mp4 or anything FFmpeg reads) or a folder of JPEG/PNG frames
-    (sorted by name), local or s3://. More than ``max_frames`` frames raises VideoTooLongError; an unreadable
-    file or frame a BadDataError; a missing input FileNotFoundError."""
+    (sorted by name), local or s3://, within ``limits`` (a bare int is a frame limit). A video beyond them
+    raises VideoTooLongError or VideoTooLargeError; an unreadable file or frame a BadDataError; a missing input
+    FileNotFoundError."""
+    limits = limits if isinstance(limits, VideoLimits) else VideoLimits(int(limits))
     folder = uri.rstrip("/")
     listed = store.list_files(folder)
     if listed == [folder]:
-        return _read_video_file(store, folder, max_frames)
+        return _read_video_file(store, folder, limits)
     names = [u for u in listed if u.rsplit("/", 1)[0] == folder and u.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
         raise FileNotFoundError(
             f"{uri}: neither a video file nor a folder of {'/'.join(IMAGE_EXTENSIONS)} frames"
         )
-    if len(names) > max_frames:
-        raise VideoTooLongError(f"{uri}: {len(names)} frames, more than the {max_frames} allowed")
+    limits.check_count(uri, len(names))
     frames = []
     for name in names:
-        data = store.read_bytes(name)
-        frame = (
-            decode_jpeg(data, name) if name.lower().endswith((".jpg", ".jpeg")) else _decode_png(data, name)
-        )
-        if frames and frame.shape != frames[0].shape:
-            first = frames[0].shape
-            raise FrameSizeError(
-                f"{name}: {frame.shape[1]}x{frame.shape[0]}, the first frame is {first[1]}x{first[0]}"
-            )
-        frames.append(frame)
+        frames.append(decode_image(store.read_bytes(name), name))
+        limits.check_size(name, frames[-1].shape[1], frames[-1].shape[0])
     stems = tuple(n.rsplit("/", 1)[-1].rsplit(".", 1)[0] for n in names)
-    return WholeVideo(uri, np.stack(frames), stems, None)
+    return WholeVideo(uri, stack_video_frames(frames, names), stems, None)
 
 
-def _decode_png(data: bytes, uri: str) -> np.ndarray:
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """JPEG or PNG bytes, told apart by their first bytes, -> (H, W, 3) uint8 RGB; anything else raises
+    CorruptFrameError naming ``uri``."""
+    if data.startswith(_JPEG_SOI):
+        return decode_jpeg(data, uri)
+    if not data.startswith(_PNG_SIGNATURE):
+        raise CorruptFrameError(f"{uri}: neither a JPEG nor a PNG image")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise CorruptFrameError(f"{uri}: not a decodable image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _read_video_file(store: ObjectStore, uri: str, max_frames: int) -> WholeVideo:
+def stack_video_frames(frames: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """(L, H, W, 3) from L frames of one size; a frame of another size raises FrameSizeError naming it."""
+    first = frames[0].shape
+    for frame, name in zip(frames, names, strict=True):
+        if frame.shape != first:
+            raise FrameSizeError(
+                f"{name}: {frame.shape[1]}x{frame.shape[0]}, the first frame is {first[1]}x{first[0]}"
+            )
+    return np.stack(frames)
+
+
+def _read_video_file(store: ObjectStore, uri: str, limits: VideoLimits) -> WholeVideo:
     import av
 
     frames: list[np.ndarray] = []
     with store.open_input(uri) as f:
         with open_video_stream(f, uri) as (container, stream):
             rate = stream.average_rate or stream.guessed_rate
+            limits.check_size(uri, stream.codec_context.width, stream.codec_context.height)
+            duration = _duration_s(container, stream)
+            if limits.max_duration_s and duration and duration > limits.max_duration_s:
+                raise VideoTooLongError(
+                    f"{uri}: {duration:.1f} s long, longer than the {limits.max_duration_s:g} s allowed"
+                )
             try:
                 for frame in container.decode(stream):
-                    if len(frames) == max_frames:
-                        raise VideoTooLongError(f"{uri}: more than the {max_frames} frames allowed")
+                    limits.check_count(uri, len(frames) + 1)
                     frames.append(frame.to_ndarray(format="rgb24"))
+                    limits.check_size(uri, frames[-1].shape[1], frames[-1].shape[0])
             except av.FFmpegError as e:
                 if not frames:
                     raise CorruptVideoError(f"{uri}: no decodable frame ({type(e).__name__})") from None
@@ -385,4 +428,13 @@ def _read_video_file(store: ObjectStore, uri: str, max_frames: int) -> WholeVide
         raise CorruptVideoError(f"{uri}: no decodable frame")
     width = max(5, len(str(len(frames) - 1)))
     names = tuple(str(i).zfill(width) for i in range(len(frames)))
-    return WholeVideo(uri, np.stack(frames), names, float(rate) if rate else None)
+    return WholeVideo(uri, stack_video_frames(frames, names), names, float(rate) if rate else None)
+
+
+def _duration_s(container: Any, stream: Any) -> float | None:
+    """The video's length in seconds from its stream or container header, when either says."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # av.time_base
+    return None

@@ -113,6 +113,20 @@ def resolve_model_dir(spec: str, storage: StorageConfig | None = None, cache_dir
     )
 
 
+def checkpoint_version(model_dir: str | Path) -> str:
+    """A short digest naming a checkpoint folder's contents: its config.json and the names and sizes of its
+    weight files (read in milliseconds, not by hashing gigabytes of weights)."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in sorted(folder.glob("*")):
+        if path.suffix in (".safetensors", ".bin", ".pt") and path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return digest.hexdigest()[:12]
+
+
 def load_policy(
     spec: str,
     *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import get_args, get_type_hints
 
-from veason_ray.config import RewardConfig, StorageConfig
+from veason_ray.config import RewardConfig, StorageConfig, VeasonConfig
 from veason_ray.mask_propagation import MaskPropagator
 
 # The values `reward.propagator` may take, read off the config's type so that they are listed once.
@@ -58,3 +58,15 @@ def build_mask_propagator(
     from veason_ray.models.sam2_propagator import SAM2MaskPropagator
 
     return SAM2MaskPropagator(predictor)
+
+
+def mask_propagator_for(cfg: VeasonConfig, *, batched: bool, device: str | None = None) -> MaskPropagator:
+    """`build_mask_propagator` for a whole config (`reward.*`, `storage`, `model.cache_dir`) on `device`
+    (default: the GPU when this process has one, else the CPU)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_mask_propagator(
+        cfg.reward, device=device, storage=cfg.storage, cache_dir=cfg.model.cache_dir or None, batched=batched
+    )

@@ -27,7 +27,7 @@ plain per-sample propagator on CPU; on GPU, batched kernels may round differentl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,12 @@ class SAM2GroupPropagator(MaskPropagator):
     def propagate(self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> np.ndarray:
         request = PropagationRequest(0, int(keyframe_position), np.asarray(boxes, dtype=np.float32))
         return self.propagate_many({0: frames}, [request])[0]
+
+    def propagate_frames(
+        self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Frame by frame, one clip: the plain predictor's (nothing to share across requests)."""
+        return self.plain.propagate_frames(frames, keyframe_position, boxes)
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> FrameFeatures:

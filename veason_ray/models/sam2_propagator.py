@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
-from veason_ray.mask_propagation import MaskPropagator, checked_propagation_inputs
+from veason_ray.mask_propagation import MaskPropagator, checked_propagation_inputs, propagation_order
 
 apply_cpu_workarounds()
 
@@ -76,6 +77,23 @@ def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) ->
     }
 
 
+def tracked_frames(
+    predictor: SAM2VideoPredictor, state: dict[str, Any], keyframe_position: int, boxes: np.ndarray
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Add each box as its own object on the keyframe of an inference state and propagate forward, then
+    backward: (frame position, (H, W) bool mask on the predictor's device, the OR over objects of logits > 0)
+    for every frame once, in `propagation_order`."""
+    for obj_id, box in enumerate(boxes, start=1):
+        predictor.add_new_points_or_box(state, frame_idx=keyframe_position, obj_id=obj_id, box=box)
+    for reverse in (False, True):
+        for frame_idx, _, logits in predictor.propagate_in_video(
+            state, start_frame_idx=keyframe_position, reverse=reverse
+        ):
+            if reverse and frame_idx == keyframe_position:
+                continue  # the backward pass starts on the keyframe again, with the same output
+            yield frame_idx, (logits[:, 0] > 0).any(dim=0)
+
+
 def track_boxes(
     predictor: SAM2VideoPredictor,
     state: dict[str, Any],
@@ -83,15 +101,9 @@ def track_boxes(
     boxes: np.ndarray,
     out: np.ndarray,
 ) -> np.ndarray:
-    """Add each box as its own object on the keyframe of an inference state, propagate forward and backward,
-    and write the OR over objects of (logits > 0) into `out` (T, H, W) bool; returns `out`."""
-    for obj_id, box in enumerate(boxes, start=1):
-        predictor.add_new_points_or_box(state, frame_idx=keyframe_position, obj_id=obj_id, box=box)
-    for reverse in (False, True):
-        for frame_idx, _, logits in predictor.propagate_in_video(
-            state, start_frame_idx=keyframe_position, reverse=reverse
-        ):
-            out[frame_idx] = (logits[:, 0] > 0).any(dim=0).cpu().numpy()
+    """`tracked_frames` written into `out` (T, H, W) bool; returns `out`."""
+    for frame_idx, mask in tracked_frames(predictor, state, keyframe_position, boxes):
+        out[frame_idx] = mask.cpu().numpy()
     return out
 
 
@@ -119,3 +131,17 @@ class SAM2MaskPropagator(MaskPropagator):
             state = init_state_from_frames(self.predictor, frames)
             track_boxes(self.predictor, state, keyframe_position, boxes, masks)
         return masks
+
+    def propagate_frames(
+        self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        frames, keyframe_position, boxes = checked_propagation_inputs(frames, keyframe_position, boxes)
+        num_frames, height, width, _ = frames.shape
+        if len(boxes) == 0:
+            for position in propagation_order(num_frames, keyframe_position):
+                yield position, np.zeros((height, width), dtype=bool)
+            return
+        with torch.inference_mode(), self._autocast():
+            state = init_state_from_frames(self.predictor, frames)
+            for position, mask in tracked_frames(self.predictor, state, keyframe_position, boxes):
+                yield position, mask.cpu().numpy()

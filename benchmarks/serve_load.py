@@ -1,0 +1,477 @@
+"""Load on the Serve app (`veason serve`, serve/): per concurrency level, N clients each sending segmentation
+requests back to back; the requests/s, the client latency, the server's own stage seconds (the responses'
+`seconds`) and Serve's overhead (client latency - `seconds.total`: HTTP, the proxy, routing, handle calls).
+
+- Against a running deployment (`--url`): local videos uploaded to /v1/segment/upload (`--video`) and URLs the
+  server fetches (`--video-url`, /v1/segment), cycled round-robin over the requests. With the variable that
+  `--api-key-env` names set (VEASON_API_KEY), requests carry `Authorization: Bearer <key>`.
+- Self-contained (`--start`): a synthetic video (moving shapes, 100 frames of 1280x720, an H.264 .mp4) and
+  random-init models (Qwen2.5-VL with the 3B shapes, SAM2.1 hiera-large at 1024 px) written here, the app
+  started in this process on a local Ray cluster with the policy and SAM2 sharing one GPU, measured, then shut
+  down. Random weights never write a parsable answer, so decoding is constrained to the answer format
+  (`inference.constrain_answer`): every answer has a keyframe and boxes, and SAM2 really runs.
+
+req/s counts the 2xx responses over the level's wall time (the last response included); latencies are of the
+2xx responses. Goal (the issue): on one GPU, >= 6x the req/s of 1 client at 16 clients, overhead p50 <= 5 ms.
+
+    python benchmarks/serve_load.py --start --out $OUT/serve_load.json      # one GPU (device tool)
+    python benchmarks/serve_load.py --start --tiny --clients 1,2 --duration 15   # CPU check: tiny models
+    python benchmarks/serve_load.py --url http://host:8000 --video a.mp4 --video-url https://host/b.mp4 \\
+        --query "the dog about to jump" --clients 1,4,16 --duration 60 --warmup 4
+    python benchmarks/serve_load.py --start serve.masks.max_batch_size=16    # trailing key=value: overrides
+
+--tiny runs on the CPU with this environment: RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1
+VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `benchmarks.*` when run as a script
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+from benchmarks.evaluate import say, write_models  # noqa: E402
+from veason_ray.config import VeasonConfig  # noqa: E402
+
+GOAL_RATIO = 6.0  # req/s at 16 clients over 1 client, one GPU
+GOAL_OVERHEAD_MS = 5.0  # Serve's overhead p50
+STAGES = ("read", "policy", "propagate", "encode", "total")
+PROGRESS_EVERY_S = 20.0
+
+
+@dataclass(frozen=True)
+class Video:
+    """What one request sends: an uploaded file's bytes (`data`) or a URL the server fetches."""
+
+    name: str
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass
+class Outcome:
+    """One request: client latency (seconds, send to the whole response read), HTTP status (0: no response),
+    the error (status text or exception name, empty on 2xx), and the response's server-side fields."""
+
+    latency_s: float
+    status: int
+    error: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    keyframe: int | None = None
+    video: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def send(
+    session: requests.Session, base: str, headers: dict, video: Video, args: argparse.Namespace
+) -> Outcome:
+    options = {"masks": args.masks, **({"num_frames": args.num_frames} if args.num_frames else {})}
+    start = time.perf_counter()
+    try:
+        if video.data is not None:
+            response = session.post(
+                f"{base}/v1/segment/upload",
+                files={"file": (video.name, video.data, "video/mp4")},
+                data={"query": args.query, **options},
+                headers=headers,
+                timeout=args.timeout,
+            )
+        else:
+            body = {"query": args.query, "video_url": video.url, **options}
+            response = session.post(f"{base}/v1/segment", json=body, headers=headers, timeout=args.timeout)
+    except requests.RequestException as error:
+        return Outcome(time.perf_counter() - start, 0, f"{type(error).__name__}: {error}"[:300])
+    latency = time.perf_counter() - start
+    if not 200 <= response.status_code < 300:
+        return Outcome(latency, response.status_code, response.text[:300])
+    body = response.json()
+    return Outcome(latency, response.status_code, "", body["seconds"], body["keyframe"], body["video"])
+
+
+def run_level(
+    base: str, headers: dict, videos: list[Video], args: argparse.Namespace, clients: int, requests_n: int
+) -> tuple[list[Outcome], float]:
+    """`clients` threads sending back to back: `requests_n` requests in all, or (0) until `args.duration` has
+    passed (requests in flight then finish). The outcomes and the wall seconds to the last response."""
+    counter = itertools.count()  # next() on it is atomic under the GIL: each request gets its own index
+    outcomes: list[Outcome] = []
+    seen_errors: set[int] = set()
+    start = time.perf_counter()
+    deadline = start + args.duration
+
+    def client() -> None:
+        with requests.Session() as session:
+            while True:
+                index = next(counter)
+                if (requests_n and index >= requests_n) or (
+                    not requests_n and time.perf_counter() >= deadline
+                ):
+                    return
+                outcome = send(session, base, headers, videos[index % len(videos)], args)
+                outcomes.append(outcome)
+                if not outcome.ok and outcome.status not in seen_errors:
+                    seen_errors.add(outcome.status)  # the first error of each status, for the operator
+                    say(f"  error {outcome.status or 'no response'}: {outcome.error}")
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    while alive := [thread for thread in threads if thread.is_alive()]:
+        alive[0].join(PROGRESS_EVERY_S)
+        if alive[0].is_alive():
+            failed = sum(not o.ok for o in outcomes)
+            say(f"  {clients} clients: {len(outcomes)} responses so far, {failed} errors")
+    return outcomes, time.perf_counter() - start
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(clients: int, outcomes: list[Outcome], wall_s: float) -> dict:
+    ok = [o for o in outcomes if o.ok]
+    latency = [o.latency_s for o in ok]
+    errors = Counter(str(o.status) if o.status else o.error.split(":")[0] for o in outcomes if not o.ok)
+    stages = {s: _mean([o.seconds[s] for o in ok if s in o.seconds]) for s in STAGES}
+    model = [
+        o.seconds["policy"] + o.seconds["propagate"]
+        for o in ok
+        if {"policy", "propagate"} <= o.seconds.keys()
+    ]
+    overhead = [o.latency_s - o.seconds["total"] for o in ok if "total" in o.seconds]
+    return {
+        "clients": clients,
+        "requests": len(outcomes),
+        "ok": len(ok),
+        "errors": dict(errors),
+        "with_keyframe": sum(o.keyframe is not None for o in ok),
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "latency_s": {f"p{q}": _percentile(latency, q) for q in (50, 95, 99)},
+        "server_stage_s": stages,
+        "model_s": _mean(model),
+        "overhead_ms": {f"p{q}": None if not overhead else 1000 * _percentile(overhead, q) for q in (50, 95)},
+        "outcomes": [asdict(o) for o in outcomes],
+    }
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def speedup(levels: list[dict]) -> tuple[dict, dict, float | None]:
+    """The lowest and highest level and the ratio of their req/s."""
+    low, high = min(levels, key=lambda r: r["clients"]), max(levels, key=lambda r: r["clients"])
+    ratio = high["requests_per_s"] / low["requests_per_s"] if low["requests_per_s"] else None
+    return low, high, ratio
+
+
+def table(levels: list[dict], device: str, setup: list[str]) -> str:
+    lines = [
+        f"\nServe load on {device}",
+        *setup,
+        "",
+        "| clients | requests | errors | req/s | p50 s | p95 s | p99 s | model s (policy+propagate) "
+        "| server total s | Serve overhead p50 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in levels:
+        errors = ", ".join(f"{n}x {kind}" for kind, n in r["errors"].items()) or "0"
+        lat = r["latency_s"]
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {errors} | {r['requests_per_s']:.3f} | {_f(lat['p50'], '.3f')} "
+            f"| {_f(lat['p95'], '.3f')} | {_f(lat['p99'], '.3f')} | {_f(r['model_s'], '.3f')} "
+            f"| {_f(r['server_stage_s']['total'], '.3f')} | {_f(r['overhead_ms']['p50'], '.1f')} |"
+        )
+    lines += ["", "mean server seconds by stage", "", "| clients | " + " | ".join(STAGES) + " |"]
+    lines.append("|---:|" + "---:|" * len(STAGES))
+    for r in levels:
+        lines.append(
+            f"| {r['clients']} | " + " | ".join(_f(r["server_stage_s"][s], ".3f") for s in STAGES) + " |"
+        )
+    low, high, ratio = speedup(levels)
+    worst = max((r["overhead_ms"]["p50"] or 0.0 for r in levels), default=0.0)
+    lines += [
+        "",
+        f"req/s at {high['clients']} clients / at {low['clients']}: {_f(ratio, '.2f')}x (goal >= {GOAL_RATIO:.0f}x "
+        f"at 16 clients on one GPU); Serve overhead p50 at most {worst:.1f} ms (goal <= {GOAL_OVERHEAD_MS:.0f} ms)",
+        "answers with a keyframe (SAM2 ran): "
+        + ", ".join(f"{r['with_keyframe']}/{r['ok']} at {r['clients']}" for r in levels),
+    ]
+    return "\n".join(lines)
+
+
+# ---- the self-contained app (--start) ----
+
+
+def write_synthetic_video(path: Path, frames: int, height: int, width: int, seed: int, fps: int = 10) -> Path:
+    """An H.264 .mp4 of the synthetic world's moving, occluding shapes on its gradient backdrop, with a light
+    film grain (sigma 3 levels): flat shapes alone compress 15x smaller than camera footage of the same size,
+    and the upload and the decoding would then cost less than a real video's."""
+    import av
+
+    from veason_ray.synth import WorldConfig, simulate_scene
+
+    rng = np.random.default_rng(seed)
+    scene = simulate_scene(rng, WorldConfig(height=height, width=width, num_frames=frames, max_objects=4))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            grain = rng.normal(0.0, 3.0, (height, width, 1))
+            image = np.clip(scene.render(t) + grain, 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def build_config(
+    args: argparse.Namespace, policy: Path, sam2: Path, sam2_config: str, port: int
+) -> VeasonConfig:
+    from veason_ray.config_loading import load_config
+
+    overrides = [
+        f"model.policy={policy}",
+        f"reward.sam2.checkpoint={sam2}",
+        f"reward.sam2.config={sam2_config}",
+        "reward.propagator=sam2",
+        "inference.generator=vllm",
+        "inference.constrain_answer=true",
+        f"inference.constrained_think_chars={args.think_chars}",
+        "inference.constrained_max_boxes=4",
+        f"data.eval_num_frames={args.num_frames}",
+        "serve.host=127.0.0.1",
+        f"serve.port={port}",
+        f"serve.api_key_env={args.api_key_env}",
+        "run.seed=0",
+    ]
+    if args.tiny:
+        base = "configs/demo.yaml"
+        overrides += ["inference.max_new_tokens=256", "reward.sam2.image_size=256"]
+    else:
+        base = (
+            "configs/serve-3b-1gpu.yaml"  # what an operator deploys on one GPU: its GPU shares and batching
+        )
+        overrides += ["inference.max_new_tokens=1024", "model.dtype=bfloat16"]
+    return load_config(str(REPO / base), overrides + list(args.overrides))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, headers: dict, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ready = requests.get(f"{base}/v1/health/ready", headers=headers, timeout=15)
+            if ready.status_code == 200:
+                return
+            detail = f"{ready.status_code} {ready.text[:200]}"
+        except requests.RequestException as error:
+            detail = type(error).__name__
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"{base}/v1/health/ready did not answer 200 in {timeout_s:.0f} s (last: {detail})"
+            )
+        time.sleep(2.0)
+
+
+@contextlib.contextmanager
+def started_app(args: argparse.Namespace, work: Path) -> Iterator[str]:
+    """The app on a local Ray cluster (this process is its driver); yields its URL, shuts Serve and Ray down."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    policy, sam2, sam2_config = write_models(args, work)
+    say(f"models written: {policy.name}, {sam2.name}")
+    cfg = build_config(args, policy, sam2, sam2_config, _free_port())
+    ray.init(
+        num_cpus=cfg.placement.num_cpus or None,
+        num_gpus=cfg.placement.num_gpus or None,
+        include_dashboard=False,
+        log_to_driver=False,  # the replicas' (vLLM's, SAM2's) logs stay in Ray's session folder
+    )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        say(f"Serve: deploying {cfg.serve.app_name} (the models load in the replicas)")
+        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+        yield f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    finally:
+        say("Serve: shutting down")
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ---- main ----
+
+
+def load_videos(args: argparse.Namespace) -> list[Video]:
+    videos = [Video(Path(p).name, data=Path(p).read_bytes()) for p in args.video]
+    return videos + [Video(url.rsplit("/", 1)[-1], url=url) for url in args.video_url]
+
+
+def measure(base: str, headers: dict, videos: list[Video], args: argparse.Namespace) -> list[dict]:
+    clients = sorted({int(c) for c in args.clients.split(",")})
+    if args.warmup:
+        say(f"warm-up: {args.warmup} requests")
+        run_level(base, headers, videos, args, min(args.warmup, clients[-1]), args.warmup)
+    levels = []
+    for count in clients:
+        what = f"{args.requests} requests" if args.requests else f"{args.duration:.0f} s"
+        say(f"level: {count} clients, {what}")
+        outcomes, wall = run_level(base, headers, videos, args, count, args.requests)
+        level = summarize(count, outcomes, wall)
+        levels.append(level)
+        say(
+            f"level {count}: {level['ok']}/{level['requests']} ok, {level['requests_per_s']:.3f} req/s, "
+            f"p50 {_f(level['latency_s']['p50'], '.3f')} s, overhead p50 {_f(level['overhead_ms']['p50'], '.1f')} ms"
+        )
+    return levels
+
+
+def describe_setup(
+    args: argparse.Namespace, videos: list[Video], levels: list[dict], model: str
+) -> list[str]:
+    shapes = sorted(
+        {f"{o['video']['frames']} frames of {o['video']['width']}x{o['video']['height']}"
+         for r in levels for o in r["outcomes"] if o["video"]}
+    )  # fmt: skip
+    sizes = ", ".join(f"{v.name} {len(v.data) / 2**20:.2f} MiB" for v in videos if v.data is not None)
+    lines = [
+        f"videos: {len(videos)} ({'; '.join(shapes) or 'no response'}){f'; uploads: {sizes}' if sizes else ''}",
+        f"sampled frames: {args.num_frames or 'server default'}; masks={args.masks}; policy: {model}",
+    ]
+    if args.start:
+        lines.append(
+            f"models: Qwen2.5-VL {'tiny' if args.tiny else '3B shapes'} (random init, constrained answers); "
+            f"SAM2: {'tiny 256 px' if args.tiny else 'SAM2.1 hiera-large 1024 px'} (random init)"
+        )
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running deployment, e.g. http://host:8000 (with any route prefix)")
+    target.add_argument("--start", action="store_true", help="write models and a video, start the app here")
+    parser.add_argument(
+        "--tiny", action="store_true", help="with --start: tiny models on the CPU, small video"
+    )
+    parser.add_argument("--api-key-env", default="VEASON_API_KEY", help="the variable holding the API key")
+    parser.add_argument("--video", action="append", default=[], help="a local video to upload (repeatable)")
+    parser.add_argument(
+        "--video-url", action="append", default=[], help="a URL the server fetches (repeatable)"
+    )
+    parser.add_argument("--query", default="the shape that moves the fastest")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma separated")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per level")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level instead of --duration")
+    parser.add_argument("--warmup", type=int, default=2, help="requests before the first level")
+    parser.add_argument(
+        "--num-frames", type=int, default=None, help="frames the policy sees (server default)"
+    )
+    parser.add_argument("--masks", choices=("rle", "none"), default="rle")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the app to be ready")
+    parser.add_argument("--frames", type=int, default=100, help="--start: frames of the synthetic video")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument(
+        "--think-chars", type=int, default=128, help="--start: longest constrained think text"
+    )
+    parser.add_argument("--out", default="", help="a JSON file for the figures and every request")
+    parser.add_argument("overrides", nargs="*", help="--start: config key=value overrides")
+    args = parser.parse_args()
+    if not args.start and not (args.video or args.video_url):
+        parser.error("--url needs at least one --video or --video-url")
+    if args.start:
+        args.num_frames = args.num_frames or (4 if args.tiny else 8)
+        if args.tiny:
+            args.frames, args.height, args.width = min(args.frames, 24), 240, 320
+            args.think_chars = 16
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    work = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    if args.start and not (args.video or args.video_url):
+        path = write_synthetic_video(work / "synthetic.mp4", args.frames, args.height, args.width, seed=0)
+        args.video = [str(path)]
+        say(
+            f"video written: {args.frames} frames of {args.width}x{args.height}, {path.stat().st_size / 2**20:.2f} MiB"
+        )
+    videos = load_videos(args)
+    with started_app(args, work) if args.start else contextlib.nullcontext(args.url.rstrip("/")) as base:
+        wait_ready(base, headers, args.ready_timeout)
+        info = requests.get(f"{base}/v1/info", headers=headers, timeout=30).json()
+        model = f"{info['model']['name']} ({info['model']['version']})"
+        say(f"server ready: {model}; limits {info['limits']}")
+        levels = measure(base, headers, videos, args)
+    if args.start:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    else:
+        device = f"the deployment at {args.url}"
+    setup = describe_setup(args, videos, levels, model)
+    text = table(levels, device, setup)
+    print(text, flush=True)
+    if args.out:
+        low, high, ratio = speedup(levels)
+        doc = {
+            "device": device,
+            "setup": setup,
+            "args": {k: v for k, v in vars(args).items() if k != "overrides"},
+            "overrides": list(args.overrides),
+            "ratio": {
+                "low_clients": low["clients"],
+                "high_clients": high["clients"],
+                "requests_per_s": ratio,
+            },
+            "goals": {"ratio": GOAL_RATIO, "overhead_ms": GOAL_OVERHEAD_MS},
+            "levels": levels,
+            "table": text,
+        }
+        Path(args.out).write_text(json.dumps(doc, indent=2, default=str))
+        say(f"wrote {args.out}")
+    return 0 if all(r["ok"] for r in levels) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
