@@ -27,9 +27,13 @@ def config_from_args(args: argparse.Namespace, program: str) -> VeasonConfig:
         overrides.insert(0, config)
         config = getattr(args, "_config_default", None)
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as exc:
         raise SystemExit(f"veason {program}: {exc}") from None
+    from pipelines.job_paths import check_job_paths
+
+    check_job_paths(cfg, program)
+    return cfg
 
 
 add_arguments = add_config_arguments

@@ -56,15 +56,49 @@ def _bundle(gpus: float, cpus: float) -> dict[str, float]:
     return bundle
 
 
+# the keys that ask for each resource of a bundle
+RESOURCE_KEYS = {
+    "CPU": "rollout.cpus_per_engine, learner.cpus_per_worker, reward.cpus_per_actor",
+    "GPU": "rollout.gpus_per_engine, learner.gpus_per_worker, reward.gpus_per_actor",
+}
+
+
+def shortage(bundles: list[dict[str, float]], cluster: dict[str, float]) -> str:
+    """What the cluster lacks for `bundles`: each resource whose total asked exceeds the cluster's total, with
+    the keys that ask for it ("" when every total fits: the cluster is busy, its nodes are too small for a
+    bundle, or an autoscaler is still adding nodes)."""
+    asked: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            asked[name] = asked.get(name, 0.0) + amount
+    short = [
+        f"{name} {amount:g} asked, {cluster.get(name, 0.0):g} in the cluster"
+        + (f" (keys: {RESOURCE_KEYS[name]})" if name in RESOURCE_KEYS else "")
+        for name, amount in sorted(asked.items())
+        if amount > cluster.get(name, 0.0) + 1e-9
+    ]
+    return "; ".join(short)
+
+
 def _ready(group: PlacementGroup, what: str, timeout_s: float) -> PlacementGroup:
     try:
         ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
+        short = shortage(group.bundle_specs, ray.cluster_resources())
+        if short:
+            reason = (
+                f"the cluster is short of {short}; lower those shares or add nodes with the resource "
+                "(placement.num_cpus / placement.num_gpus size a local cluster only)"
+            )
+        else:
+            reason = (
+                "every resource exists in the cluster, but not free or not on one node for each bundle: "
+                "wait for running jobs, or lower rollout/learner/reward's cpus_* and gpus_* shares"
+            )
         raise RuntimeError(
-            f"placement: the cluster cannot reserve {what} ({group.bundle_specs}) within {timeout_s:.0f} s; "
-            "lower the GPU shares (rollout.gpus_per_engine, learner.gpus_per_worker, reward.gpus_per_actor) "
-            "or add GPUs (placement.num_gpus on a CPU machine)"
+            f"placement: the cluster cannot reserve {what} ({group.bundle_specs}) within {timeout_s:.0f} s: "
+            f"{reason}"
         ) from None
     return group
 

@@ -54,3 +54,26 @@ def test_colocated_shares_over_one_gpu_are_refused_with_the_fields_to_change():
     cfg = load_config("configs/qwen2.5vl-3b-1gpu.yaml", ["learner.gpus_per_worker=0.8"])
     with pytest.raises(ValueError, match="learner 1 x 0.8.*lower the shares"):
         build_placement(cfg)
+
+
+def test_a_cpu_shortage_names_the_cpus_and_the_keys_that_ask_for_them(cluster):
+    # the 16-CPU cluster above: 3 engines x 8 CPUs cannot be reserved, whatever the GPUs
+    cfg = load_config(
+        "configs/demo.yaml",
+        ["rollout.engines=3", "rollout.cpus_per_engine=8", "placement.mode=disaggregated"],
+    )
+    with pytest.raises(RuntimeError) as refused:
+        build_placement(cfg, timeout_s=2)
+    message = str(refused.value)
+    assert "short of CPU 24 asked, 16 in the cluster" in message
+    assert "rollout.cpus_per_engine" in message and "GPU" not in message.split("short of")[1].split(";")[0]
+
+
+def test_shortage_lists_each_short_resource_or_nothing_when_all_fit():
+    from pipelines.placement import shortage
+
+    bundles = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    assert shortage(bundles, {"CPU": 8.0, "GPU": 2.0}) == ""
+    both = shortage(bundles, {"CPU": 3.0, "GPU": 1.0})
+    assert both.startswith("CPU 4 asked, 3 in the cluster (keys: rollout.cpus_per_engine")
+    assert "GPU 2 asked, 1 in the cluster (keys: rollout.gpus_per_engine" in both
