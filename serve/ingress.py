@@ -204,15 +204,15 @@ class SegmentationAPI:
         # base64 frames take 4/3 of their bytes, and the rest of a body is small
         app.state.guard = Guard(api_key, int(self.settings.max_upload_mb * 2**20 * 4 / 3) + 2**20)
         self.encoders = ThreadPoolExecutor(max(1, self.settings.overlay_workers), "veason-encode")
-        self._model: ModelInfo | None = None
+        app.state.model = None  # the policy's name and version, asked once (also put on every response)
 
     # ---- information ----
 
     async def model_info(self) -> ModelInfo:
-        if self._model is None:
+        if app.state.model is None:
             info = await asyncio.wait_for(self.policy.info.remote(), self.settings.request_timeout_s)
-            self._model = app.state.model = ModelInfo(**info)
-        return self._model
+            app.state.model = ModelInfo(**info)
+        return app.state.model
 
     @app.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:
@@ -310,8 +310,8 @@ class SegmentationAPI:
 
     # ---- the steps ----
 
-    def _check_request(self, query: str, options: SegmentOptions) -> int:
-        """Fail fast on what needs no video; the policy's frame count."""
+    def _check_request(self, query: str, options: SegmentOptions) -> None:
+        """Fail fast, before the video is read, on what needs no video."""
         if not query.strip():
             raise RequestError(
                 422, "query", "empty: say what to segment, e.g. 'the dog that is about to jump'"
@@ -327,7 +327,6 @@ class SegmentationAPI:
             raise RequestError(
                 422, "num_frames", f"{num_frames}, more than the {self.settings.max_policy_frames} allowed"
             )
-        return num_frames
 
     async def _video_of_body(self, body: SegmentRequest) -> tuple[WholeVideo, float]:
         self._check_request(body.query, body)
@@ -364,7 +363,7 @@ class SegmentationAPI:
     ) -> tuple[PolicyInput, LocatedAnswer, dict[str, float]]:
         """The policy's answer on the video (policy_input -> policy deployment -> locate_answer)."""
         frames = video.frames
-        num_frames = self._check_request(query, options)
+        num_frames = options.num_frames or self.cfg.data.eval_num_frames  # checked before the video was read
         try:
             check_answer_budget(self.cfg.inference, len(frames) - 1)
         except ValueError:

@@ -112,6 +112,7 @@ def test_staleness_settings_the_driver_cannot_run_are_refused_with_the_fields_to
     check_trainer_config(load_config(REPO / "configs" / "demo.yaml", ok))
 
 
+@pytest.mark.slow  # ~105 s: an off-policy run across an epoch boundary and a resume (make test-slow)
 def test_one_step_off_policy_bounds_staleness_and_trains_on_every_sample_once(
     tmp_path, synthetic_revos, tiny_models
 ):

@@ -167,7 +167,7 @@ def test_frame_by_frame_propagation_gives_the_same_masks_in_propagation_order(pr
     frames = _clip(3, num_frames=6)
     boxes = np.array([[8, 20, 44, 52], [50, 2, 70, 30]], dtype=np.float32)
     assert propagation_order(6, 2) == [2, 3, 4, 5, 1, 0]
-    for keyframe in (0, 2, 5):
+    for keyframe in (1, 5):  # a middle keyframe (both directions) and the last (backward only)
         want = SAM2MaskPropagator(predictor).propagate(frames, keyframe, boxes)
         assert want.any()
         for propagator in (SAM2MaskPropagator(predictor), SAM2GroupPropagator(predictor), Whole()):
