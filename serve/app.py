@@ -17,11 +17,11 @@ from ray.serve import Application
 from serve.ingress import SegmentationAPI
 from serve.mask_deployment import MaskDeployment
 from serve.policy_deployment import PolicyDeployment
-from veason_ray.config import ServeDeploymentConfig, VeasonConfig
+from veason_ray.config import ServeReplicasConfig, VeasonConfig
 from veason_ray.config_loading import ConfigError, load_config
 
 
-def deployment_options(settings: ServeDeploymentConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+def deployment_options(settings: ServeReplicasConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Serve deployment options of one deployment's config."""
     actor: dict[str, Any] = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
     if env:

@@ -348,9 +348,9 @@ class EvalConfig:
 
 
 @dataclass
-class ServeDeploymentConfig:
+class ServeReplicasConfig:
     """One deployment of the Serve app: its replicas (a fixed count, or autoscaled between min and max on
-    requests in flight per replica), the resources of each replica, and how requests are batched."""
+    requests in flight per replica) and the resources of each replica."""
 
     replicas: int = 1  # when autoscale is off
     autoscale: bool = False
@@ -360,6 +360,13 @@ class ServeDeploymentConfig:
     num_gpus: float = 0.0  # per replica; fractional shares one GPU between deployments
     num_cpus: float = 1.0
     max_ongoing_requests: int = 16  # more in flight wait in the caller's queue (backpressure)
+
+
+@dataclass
+class ServeDeploymentConfig(ServeReplicasConfig):
+    """A model deployment of the Serve app: its replicas, and how the requests that arrive together are
+    batched into one model call."""
+
     max_batch_size: int = 8  # requests that arrive together and share one model call
     batch_wait_timeout_s: float = 0.01  # how long the first request of a batch waits for others
 
@@ -387,12 +394,10 @@ class ServeConfig:
     default_fps: float = 6.0  # frame rate of frames sent as images (the overlay video's)
     # fetching video URLs (http, https, s3)
     url_timeout_s: float = 30.0  # the whole download
-    allow_private_urls: bool = (
-        False  # fetch from loopback, private and link-local addresses (never by default)
-    )
+    allow_private_urls: bool = False  # fetch from loopback, private and link-local addresses too
     overlay_workers: int = 2  # threads of the ingress encoding overlay videos and masks
-    ingress: ServeDeploymentConfig = field(
-        default_factory=lambda: ServeDeploymentConfig(num_cpus=2.0, max_ongoing_requests=64)
+    ingress: ServeReplicasConfig = field(
+        default_factory=lambda: ServeReplicasConfig(num_cpus=2.0, max_ongoing_requests=64)
     )
     policy: ServeDeploymentConfig = field(
         default_factory=lambda: ServeDeploymentConfig(max_ongoing_requests=64, max_batch_size=16)
