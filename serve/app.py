@@ -20,6 +20,8 @@ from serve.policy_deployment import PolicyDeployment
 from veason_ray.config import ServeReplicasConfig, VeasonConfig
 from veason_ray.config_loading import ConfigError, load_config
 
+CONSTRUCTOR_RETRIES = 3  # a replica whose model cannot load is retried this often, then the deploy fails
+
 
 def deployment_options(settings: ServeReplicasConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Serve deployment options of one deployment's config."""
@@ -29,6 +31,7 @@ def deployment_options(settings: ServeReplicasConfig, env: dict[str, str] | None
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
     }
     if settings.autoscale:
         if not 0 < settings.min_replicas <= settings.max_replicas:

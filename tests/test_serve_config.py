@@ -24,6 +24,7 @@ def test_deployment_options_fixed_and_autoscaled():
     assert fixed == {
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.5},
         "max_ongoing_requests": 7,
+        "max_constructor_retry_count": 3,
         "num_replicas": 3,
     }
     scaled = deployment_options(
@@ -68,3 +69,12 @@ def test_the_builder_makes_the_three_deployments_with_their_gpu_shares(monkeypat
     assert masks._bound_deployment.ray_actor_options["num_gpus"] == 0.3
     with pytest.raises(ConfigError, match="overrides"):
         app_builder({"config": "configs/serve-3b-1gpu.yaml", "overrides": "serve.port=1"})
+
+
+def test_serve_refuses_a_missing_local_model_before_starting(tmp_path):
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "configs/demo.yaml",
+               f"model.policy={tmp_path}/nothing", "reward.propagator=colour"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"veason serve: model.policy={tmp_path}/nothing: no such file or folder" in done.stderr
+    assert "reward.sam2.checkpoint" not in done.stderr  # the colour tracker loads no model

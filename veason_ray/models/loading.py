@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from veason_ray.config import StorageConfig
 from veason_ray.cpu_torch_workarounds import apply_cpu_workarounds
+from veason_ray.models.specs import HUB_ID
 from veason_ray.object_store import is_s3_uri, store_for
 
 apply_cpu_workarounds()
@@ -34,7 +35,6 @@ import torch  # noqa: E402
 if TYPE_CHECKING:
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMPLETE_SUFFIX = ".complete.json"  # marker beside a cached copy: written once its download finished
 # Hydra's configuration state is process-global; SAM2 builds must not interleave.
 _SAM2_BUILD_LOCK = threading.Lock()
@@ -106,7 +106,7 @@ def resolve_model_dir(spec: str, storage: StorageConfig | None = None, cache_dir
         return path
     if path.exists():
         raise NotADirectoryError(f"model spec {spec!r}: is a file; expected a checkpoint folder")
-    if _HUB_ID.match(spec):
+    if HUB_ID.match(spec):
         return _hub_snapshot(spec)
     raise FileNotFoundError(
         f"model spec {spec!r}: not a local folder, an s3:// URI or a Hugging Face hub id (owner/name)"
