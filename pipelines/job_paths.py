@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from veason_ray.config import VeasonConfig
-from veason_ray.models.specs import HUB_ID
+from veason_ray.models.specs import is_hub_id
 from veason_ray.object_store import is_s3_uri
 
 # Ray's variable holding a job driver's runtime environment (ray._private.runtime_env.constants)
@@ -71,7 +71,7 @@ def relative_path_problems(cfg: VeasonConfig, cwd: Path | None = None) -> list[s
         value = _value(cfg, key)
         if not value or is_s3_uri(value) or "://" in value or Path(value).is_absolute():
             continue
-        if (cwd / value).exists() or (key == "model.policy" and HUB_ID.match(value)):
+        if (cwd / value).exists() or (key == "model.policy" and is_hub_id(value)):
             continue  # in the uploaded copy, or a hub id
         problems.append(
             f"{key}={value} is a relative path that the job's copy of the working directory does not hold "
