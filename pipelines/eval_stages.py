@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -391,11 +392,11 @@ class ExpressionScorer(_DatasetStage):
     (`masks/<video>/<exp_id>/<frame>.png`, 0/255, the public evaluation tools' layout) and, for the keys in
     `eval.overlays`, an overlay video."""
 
-    def __init__(self, cfg: VeasonConfig, split: str, output_dir: str):
+    def __init__(self, cfg: VeasonConfig, split: str, output_uri: str):
         import torch
 
         super().__init__(cfg, split)
-        self.output_dir = output_dir
+        self.output_uri = output_uri  # a folder or an s3:// URI: masks and overlays are written there
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.overlays = set(cfg.eval.overlays)
 
@@ -426,7 +427,7 @@ class ExpressionScorer(_DatasetStage):
 
     def _score(self, row: VideoRow, index: int, position: int, live: int, foreground: np.ndarray):
         from veason_ray.mask_io import write_mask_pngs
-        from veason_ray.object_store import join_uri, store_for
+        from veason_ray.object_store import is_s3_uri, join_uri, store_for
 
         started = time.perf_counter()
         record, item, meta = row.record(index), row.expressions[index], row.meta
@@ -447,12 +448,20 @@ class ExpressionScorer(_DatasetStage):
                 "jf": oracle.jf,
             }
         if self.cfg.eval.write_masks:
-            folder = join_uri(self.output_dir, "masks", record.video, str(record.exp_id))
-            write_mask_pngs(store_for(folder), folder, masks, meta["frame_names"])
+            folder = join_uri(self.output_uri, "masks", record.video, str(record.exp_id))
+            write_mask_pngs(store_for(folder, self.cfg.storage), folder, masks, meta["frame_names"])
         if result.key in self.overlays:
-            path = Path(self.output_dir) / "overlays" / overlay_name(result.key)
-            draw_overlay(path, self.dataset.read_frames(record.video), masks, gt, result, self.cfg.infer.fps)
-            result.extra["overlay"] = str(path)
+            uri = join_uri(self.output_uri, "overlays", overlay_name(result.key))
+            frames = self.dataset.read_frames(record.video)
+            if is_s3_uri(uri):
+                with tempfile.TemporaryDirectory() as scratch:
+                    path = draw_overlay(
+                        Path(scratch) / "overlay.mp4", frames, masks, gt, result, self.cfg.infer.fps
+                    )
+                    store_for(uri, self.cfg.storage).write_bytes(uri, path.read_bytes())
+            else:
+                draw_overlay(Path(uri), frames, masks, gt, result, self.cfg.infer.fps)
+            result.extra["overlay"] = uri
         result.extra["seconds"]["score"] = round(time.perf_counter() - started, 4)
         return result
 

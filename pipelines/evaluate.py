@@ -46,7 +46,8 @@ from veason_ray.datasets import open_dataset, select_expressions
 from veason_ray.eval_summary import format_summary, summarise_results, summary_markdown
 from veason_ray.evaluation import ExpressionResult
 from veason_ray.inference import check_answer_budget
-from veason_ray.object_store import is_s3_uri
+from veason_ray.object_store import join_uri, store_for
+from veason_ray.output_mirror import OutputMirror
 
 log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
@@ -58,17 +59,19 @@ class EvaluationReport:
 
     results: list[ExpressionResult]
     summary: dict[str, Any]
-    output_dir: Path
+    output_dir: Path  # the local folder holding results.jsonl and the summaries
+    outputs: OutputMirror  # where everything ends up (output_dir itself unless s3://)
 
 
-def eval_output_dir(cfg: VeasonConfig) -> Path:
-    folder = cfg.eval.output_dir or str(Path(cfg.run.output_dir) / "eval")
-    if is_s3_uri(folder):
-        raise SystemExit(
-            f"eval.output_dir {folder}: evaluation writes results as they come to a local (or shared) folder; "
-            "set eval.output_dir to a local path (the dataset and the model may stay on s3://)"
-        )
-    return Path(folder)
+def eval_outputs(cfg: VeasonConfig, output_dir: str | Path | None = None) -> OutputMirror:
+    """Where the evaluation writes (`output_dir`, else eval.output_dir, else <run.output_dir>/eval): a folder, or
+    an s3:// URI. For s3://, results.jsonl and the summaries are written into a local staging folder pushed there
+    every eval.push_every_s and at the end (the results already there pulled first, so a rerun resumes); masks
+    and overlay videos go there straight from the scorers."""
+    folder = str(output_dir or cfg.eval.output_dir or join_uri(cfg.run.output_dir, "eval"))
+    outputs = OutputMirror(folder, cfg.storage)
+    outputs.pull(RESULTS)
+    return outputs
 
 
 def load_results(path: Path) -> dict[str, ExpressionResult]:
@@ -87,7 +90,7 @@ def load_results(path: Path) -> dict[str, ExpressionResult]:
     return done
 
 
-def build_pipeline(cfg: VeasonConfig, split: str, items: list[dict[str, str]], output_dir: Path) -> Any:
+def build_pipeline(cfg: VeasonConfig, split: str, items: list[dict[str, str]], output_uri: str) -> Any:
     """The lazy Ray Dataset of result rows ({key, result JSON}) for `items` (one per video)."""
     data, pool = cfg.data, ray.data.ActorPoolStrategy
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -111,7 +114,7 @@ def build_pipeline(cfg: VeasonConfig, split: str, items: list[dict[str, str]], o
                 max_concurrent_calls_per_actor=videos,
                 enable_true_multi_threading=True,
             ),
-            num_gpus=cfg.rollout.gpus_per_engine,
+            num_gpus=cfg.rollout.gpus_per_engine * cfg.rollout.tensor_parallel_size,  # its ranks' GPUs
             num_cpus=cfg.rollout.cpus_per_engine,
         )
     ds = ds.map_batches(
@@ -131,7 +134,7 @@ def build_pipeline(cfg: VeasonConfig, split: str, items: list[dict[str, str]], o
     )
     return ds.map_batches(
         ExpressionScorer,
-        fn_constructor_kwargs={"cfg": cfg, "split": split, "output_dir": str(output_dir)},
+        fn_constructor_kwargs={"cfg": cfg, "split": split, "output_uri": output_uri},
         batch_size=1,
         batch_format="pyarrow",
         compute=pool(size=max(1, cfg.eval.scorers)),
@@ -171,10 +174,10 @@ def run_evaluation(
     cfg: VeasonConfig, output_dir: str | Path | None = None, split: str | None = None
 ) -> EvaluationReport:
     """Evaluate `cfg.model.policy` (or the ground-truth answers) on `split` (default `eval.split`, then
-    `data.eval_split`) on the connected Ray cluster, into `output_dir` (default `eval_output_dir`)."""
+    `data.eval_split`) on the connected Ray cluster, into `output_dir` (see `eval_outputs`)."""
     split = split or cfg.eval.split or cfg.data.eval_split
-    output_dir = Path(output_dir) if output_dir else eval_output_dir(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs = eval_outputs(cfg, output_dir)
+    output_dir = outputs.local
     dataset = open_dataset(cfg.data.dataset, cfg.data.root, split, cfg.storage)
     records = select_expressions(
         list(dataset.expressions()), cfg.data.expression_types, cfg.eval.max_expressions, cfg.run.seed
@@ -199,10 +202,10 @@ def run_evaluation(
     if todo:
         print(
             f"evaluating {len(todo)} expressions of {cfg.data.dataset} {split} ({len(records) - len(todo)} "
-            f"already in {results_path})",
+            f"already in {outputs.uri_of(RESULTS)})",
             flush=True,
         )
-        timing = _run_pipeline(cfg, split, todo, output_dir, results_path)
+        timing = _run_pipeline(cfg, split, todo, outputs, results_path)
     seconds = time.perf_counter() - started
     done = load_results(results_path)
     results = [done[r.key] for r in records if r.key in done]
@@ -216,24 +219,27 @@ def run_evaluation(
         evaluated=len(todo),
     )
     summary.update(timing)
-    summary["worst_overlays"] = draw_worst(cfg, dataset, results, output_dir)
+    summary["worst_overlays"] = draw_worst(cfg, dataset, results, outputs)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "summary.md").write_text(summary_markdown(summary))
-    return EvaluationReport(results, summary, output_dir)
+    outputs.push()
+    return EvaluationReport(results, summary, output_dir, outputs)
 
 
 def _run_pipeline(
-    cfg: VeasonConfig, split: str, todo: list, output_dir: Path, results_path: Path
+    cfg: VeasonConfig, split: str, todo: list, outputs: OutputMirror, results_path: Path
 ) -> dict[str, Any]:
-    """Run the job, appending each result to results.jsonl as it comes; when the first results came (seconds
-    after the start: the actors' start-up and the first video through every stage) and how many."""
+    """Run the job, appending each result to results.jsonl as it comes (pushed to the destination every
+    eval.push_every_s, and when the run stops however it stops); when the first results came (seconds after the
+    start: the actors' start-up and the first video through every stage) and how many."""
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # one bar: expressions, below
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its execution plan and per-operator lines
-    pipeline = build_pipeline(cfg, split, video_items(todo), output_dir)
+    pipeline = build_pipeline(cfg, split, video_items(todo), outputs.uri)
     watch = StallWatch(cfg.eval.stall_timeout_s)
     failed, started, first = 0, time.perf_counter(), {"first_result_s": None, "first_results": 0}
+    pushed = time.monotonic()
     try:
         with open(results_path, "a") as out, tqdm(total=len(todo), desc=f"eval {split}", unit="expr") as bar:
             for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -246,6 +252,9 @@ def _run_pipeline(
                     first = {"first_result_s": time.perf_counter() - started, "first_results": batch.num_rows}
                 bar.update(batch.num_rows)
                 bar.set_postfix(failed=failed)
+                if time.monotonic() - pushed >= cfg.eval.push_every_s:
+                    outputs.push()
+                    pushed = time.monotonic()
     except KeyboardInterrupt:
         if watch.fired:
             raise SystemExit(
@@ -255,12 +264,15 @@ def _run_pipeline(
         raise
     finally:
         watch.stop()
+        outputs.push()
     return first
 
 
-def draw_worst(cfg: VeasonConfig, dataset, results: list[ExpressionResult], output_dir: Path) -> list[str]:
+def draw_worst(
+    cfg: VeasonConfig, dataset, results: list[ExpressionResult], outputs: OutputMirror
+) -> list[str]:
     """Overlay videos of the `eval.worst_overlays` lowest-J&F scored expressions with a target (from the mask
-    PNGs the scorers wrote); the drawn keys."""
+    PNGs the scorers wrote to the destination), into the local folder; the drawn keys."""
     from veason_ray.mask_io import read_mask_png
 
     if cfg.eval.worst_overlays <= 0 or not cfg.eval.write_masks:
@@ -270,10 +282,13 @@ def draw_worst(cfg: VeasonConfig, dataset, results: list[ExpressionResult], outp
     drawn = []
     for result in worst:
         info = dataset.video(result.video)
-        folder = output_dir / "masks" / result.video / result.exp_id
-        masks = np.stack([read_mask_png((folder / f"{n}.png").read_bytes()) for n in info.frame_names])
+        folder = outputs.uri_of(f"masks/{result.video}/{result.exp_id}")
+        store = store_for(folder, cfg.storage)
+        masks = np.stack(
+            [read_mask_png(store.read_bytes(join_uri(folder, f"{n}.png"))) for n in info.frame_names]
+        )
         record = dataset.expression(result.video, result.exp_id)
-        path = output_dir / "overlays" / ("worst_" + overlay_name(result.key))
+        path = outputs.local / "overlays" / ("worst_" + overlay_name(result.key))
         draw_overlay(
             path, dataset.read_frames(result.video), masks, dataset.gt_masks(record), result, cfg.infer.fps
         )
@@ -294,14 +309,14 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import init_ray
 
     cfg = config_from_args(args, "eval")
-    output_dir = eval_output_dir(cfg)
     init_ray(cfg.placement)
-    report = run_evaluation(cfg, output_dir)
+    report = run_evaluation(cfg)
+    where = report.outputs.uri_of
     print(f"\n{format_report(report)}\n")
-    print(f"results   {output_dir / RESULTS}")
-    print(f"summary   {output_dir / 'summary.md'} ({output_dir / 'summary.json'})")
+    print(f"results   {where(RESULTS)}")
+    print(f"summary   {where('summary.md')} ({where('summary.json')})")
     if cfg.eval.write_masks:
-        print(f"masks     {output_dir / 'masks'}/<video>/<exp_id>/<frame>.png")
+        print(f"masks     {where('masks')}/<video>/<exp_id>/<frame>.png")
     if report.summary["worst_overlays"] or cfg.eval.overlays:
-        print(f"overlays  {output_dir / 'overlays'}/")
+        print(f"overlays  {where('overlays')}/")
     return 0

@@ -12,7 +12,10 @@ Each step (design.md, "One GRPO step"):
      and of this driver's data position, every `trainer.sample_images_every` steps responses drawn as PNG.
 A run finds the latest complete checkpoint under `<run.output_dir>/checkpoints` and continues from it
 (`trainer.resume`), the expressions it already trained on this epoch left out. At the end: reward curves as
-PNG and the policy as a Hugging Face folder in `<run.output_dir>/policy_hf`.
+PNG and the policy as a Hugging Face folder in `<run.output_dir>/policy_hf`. With an s3:// `run.output_dir`
+everything lands there: checkpoints and the policy directly, the logs (metrics, curves, samples) from a local
+staging folder at every checkpoint and at the end (`veason_ray/output_mirror.py`), so a job whose head is lost
+resumes, on any node, with its metrics continuing.
 
 One step off-policy (`trainer.max_staleness=1`, disaggregated placement, `learner.old_logprobs=engine`): the
 rollouts of step k+1 are generated and scored, on a background thread, while the learner trains on step k.
@@ -32,12 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -45,10 +46,11 @@ import ray
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.placement import build_placement
 from pipelines.ray_runtime import init_ray
-from pipelines.run_log import RunLog, save_samples, summary_line
+from pipelines.run_log import METRICS_FILE, WANDB_ID_FILE, RunLog, save_samples, summary_line
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import ConfigError, save_config
-from veason_ray.object_store import is_s3_uri, join_uri, store_for
+from veason_ray.object_store import join_uri, store_for
+from veason_ray.output_mirror import OutputMirror
 from veason_ray.records import PromptGroup, Scored
 from veason_ray.training.rollout_batch import train_items
 
@@ -117,17 +119,18 @@ def check_trainer_config(cfg: VeasonConfig) -> None:
         )
 
 
-def local_run_dir(cfg: VeasonConfig) -> Path:
-    """Where logs, curves and images go: run.output_dir itself, or a local folder when it is on s3://."""
-    if is_s3_uri(cfg.run.output_dir):
-        return Path(tempfile.gettempdir()) / "veason_runs" / cfg.run.name
-    return Path(cfg.run.output_dir)
+def run_outputs(cfg: VeasonConfig) -> OutputMirror:
+    """Where logs, curves and images go: run.output_dir itself, or (s3://) a local staging folder pushed there at
+    every checkpoint and at the end, with what a resumed run continues (its metrics, its wandb run) pulled back."""
+    outputs = OutputMirror(cfg.run.output_dir, cfg.storage, exclude=("wandb",))
+    outputs.pull(METRICS_FILE, WANDB_ID_FILE)
+    return outputs
 
 
 class GRPODriver:
     """Builds the placement and the three pools, resumes, and runs the steps."""
 
-    def __init__(self, cfg: VeasonConfig) -> None:
+    def __init__(self, cfg: VeasonConfig, outputs: OutputMirror) -> None:
         from actors.learner import LearnerGroup
         from actors.reward import SAM2RewardPool
         from actors.rollout_pool import RolloutPool
@@ -135,7 +138,8 @@ class GRPODriver:
 
         check_trainer_config(cfg)
         self.cfg = cfg
-        self.out = local_run_dir(cfg)
+        self.outputs = outputs
+        self.out = outputs.local
         self.checkpoints = join_uri(cfg.run.output_dir, "checkpoints")
         init_ray(cfg.placement)
         cache = cfg.model.cache_dir or None
@@ -189,6 +193,7 @@ class GRPODriver:
         state = json.dumps(asdict(self.state)).encode()
         uri = self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
         self.saved_step = self.state.step
+        self.outputs.push()  # the logs of the steps this checkpoint holds
         return uri
 
     # ---- data ----
@@ -365,6 +370,7 @@ class GRPODriver:
         checkpoint = self.save() if self.state.step != self.saved_step else None
         policy = self.learner.export(join_uri(cfg.run.output_dir, "policy_hf"))
         curves = run_log.finish()
+        curves = curves and self.outputs.uri_of(curves.relative_to(self.out).as_posix())
         return {
             "steps": self.state.step,
             "checkpoint": checkpoint,
@@ -384,12 +390,17 @@ class GRPODriver:
 
 def train(cfg: VeasonConfig) -> dict[str, Any]:
     """Run GRPO as `cfg` says (resuming when a checkpoint exists); returns where the outputs are."""
-    save_config(cfg, local_run_dir(cfg) / "config.yaml")
-    driver = GRPODriver(cfg)
+    outputs = run_outputs(cfg)
+    save_config(cfg, outputs.local / "config.yaml")
     try:
-        result = driver.fit()
+        driver = GRPODriver(cfg, outputs)
+        try:
+            result = driver.fit()
+        finally:
+            driver.shutdown()
     finally:
-        driver.shutdown()
+        outputs.push()
+    result["metrics"] = outputs.uri_of(METRICS_FILE)
     result["resumed_from"] = driver.resumed_from
     result["startup_seconds"] = driver.startup_seconds
     return result
@@ -410,5 +421,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  policy       {result['policy']}")
     print(f"  checkpoint   {result['checkpoint'] or '(latest already saved)'}")
     print(f"  curves       {result['curves']}")
-    print(f"  metrics      {local_run_dir(cfg) / 'metrics.jsonl'}")
+    print(f"  metrics      {result['metrics']}")
     return 0

@@ -15,6 +15,7 @@ exactly as on a GPU node. With no GPU at all (every share 0) the bundles hold CP
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipelines.ray_runtime import cluster_can_grow
 from veason_ray.config import VeasonConfig
 
 
@@ -80,46 +82,63 @@ def shortage(bundles: list[dict[str, float]], cluster: dict[str, float]) -> str:
     return "; ".join(short)
 
 
-def _ready(group: PlacementGroup, what: str, timeout_s: float) -> PlacementGroup:
-    try:
-        ray.get(group.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        short = shortage(group.bundle_specs, ray.cluster_resources())
-        if short:
-            reason = (
-                f"the cluster is short of {short}; lower those shares or add nodes with the resource "
-                "(placement.num_cpus / placement.num_gpus size a local cluster only)"
-            )
-        else:
-            reason = (
-                "every resource exists in the cluster, but not free or not on one node for each bundle: "
-                "wait for running jobs, or lower rollout/learner/reward's cpus_* and gpus_* shares"
-            )
-        raise RuntimeError(
-            f"placement: the cluster cannot reserve {what} ({group.bundle_specs}) within {timeout_s:.0f} s: "
-            f"{reason}"
-        ) from None
-    return group
+def _ready(groups: dict[str, PlacementGroup], timeout_s: float) -> list[PlacementGroup]:
+    """Wait for every group, all asked for at once (an autoscaler sees the whole demand and boots the nodes for
+    it together); on the deadline every group is removed and the first one not reserved is explained."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    if not cluster_can_grow():  # a local cluster: what it lacks now it will always lack
+        asked = [b for group in groups.values() for b in group.bundle_specs]
+        if shortage(asked, ray.cluster_resources()):
+            deadline = started
+    for what, group in groups.items():
+        try:
+            ray.get(group.ready(), timeout=max(deadline - time.monotonic(), 0.0))
+        except ray.exceptions.GetTimeoutError:
+            for other in groups.values():
+                remove_placement_group(other)
+            raise RuntimeError(_refusal(what, group, time.monotonic() - started)) from None
+    return list(groups.values())
 
 
-def build_placement(cfg: VeasonConfig, timeout_s: float = 120.0) -> Placement:
-    """Reserve the placement groups of `placement.mode` and say where each actor goes."""
+def _refusal(what: str, group: PlacementGroup, waited_s: float) -> str:
+    short = shortage(group.bundle_specs, ray.cluster_resources())
+    if short:
+        reason = (
+            f"the cluster is short of {short}; lower those shares or add nodes with the resource "
+            "(placement.num_cpus / placement.num_gpus size a local cluster only)"
+        )
+    else:
+        reason = (
+            "every resource exists in the cluster, but not free or not on one node for each bundle: "
+            "wait for running jobs, or lower rollout/learner/reward's cpus_* and gpus_* shares"
+        )
+    return (
+        f"placement: the cluster cannot reserve {what} ({group.bundle_specs}), waited {waited_s:.0f} s "
+        f"(placement.timeout_s): {reason}"
+    )
+
+
+def build_placement(cfg: VeasonConfig, timeout_s: float | None = None) -> Placement:
+    """Reserve the placement groups of `placement.mode` and say where each actor goes, waiting at most
+    `timeout_s` (default `placement.timeout_s`)."""
+    timeout_s = cfg.placement.timeout_s if timeout_s is None else timeout_s
     ro, le, re = cfg.rollout, cfg.learner, cfg.reward
     rollout_gpus = ro.gpus_per_engine * ro.tensor_parallel_size
     if cfg.placement.mode == "colocated":
         return _colocated(cfg, rollout_gpus, timeout_s)
     if cfg.placement.mode != "disaggregated":
         raise ValueError(f"placement.mode: unknown {cfg.placement.mode!r}; colocated or disaggregated")
-    groups, options = [], {}
-    for name, count, gpus, cpus in (
-        ("rollout", ro.engines, rollout_gpus, ro.cpus_per_engine),
-        ("learner", le.workers, le.gpus_per_worker, le.cpus_per_worker),
-        ("reward", re.actors, re.gpus_per_actor, re.cpus_per_actor),
-    ):
-        group = _ready(placement_group([_bundle(gpus, cpus)] * count, strategy="PACK"), name, timeout_s)
-        groups.append(group)
-        options[name] = [_in(group, i) for i in range(count)]
+    pools = {
+        name: placement_group([_bundle(gpus, cpus)] * count, strategy="PACK")
+        for name, count, gpus, cpus in (
+            ("rollout", ro.engines, rollout_gpus, ro.cpus_per_engine),
+            ("learner", le.workers, le.gpus_per_worker, le.cpus_per_worker),
+            ("reward", re.actors, re.gpus_per_actor, re.cpus_per_actor),
+        )
+    }
+    groups = _ready(pools, timeout_s)
+    options = {name: [_in(group, i) for i in range(len(group.bundle_specs))] for name, group in pools.items()}
     return Placement(
         groups=groups,
         description=(
@@ -156,7 +175,7 @@ def _colocated(cfg: VeasonConfig, rollout_gpus: float, timeout_s: float) -> Plac
         )
         # A bundle that holds any GPU share reserves the whole GPU: nothing else may land on it.
         bundles.append(_bundle(math.ceil(gpus) if gpus > 0 else 0, cpus))
-    group = _ready(placement_group(bundles, strategy="PACK"), "the colocated GPUs", timeout_s)
+    (group,) = _ready({"the colocated GPUs": placement_group(bundles, strategy="PACK")}, timeout_s)
     return Placement(
         rollout=[_in(group, i % count) for i in range(ro.engines)],
         learner=[_in(group, i % count) for i in range(le.workers)],

@@ -9,6 +9,14 @@ import ray
 
 from veason_ray.config import PlacementConfig
 
+_started_here = False  # this process started a local cluster: nothing will add nodes to it
+
+
+def cluster_can_grow() -> bool:
+    """Whether nodes may still join the connected cluster (a cluster this process joined may autoscale; a local
+    one it started cannot)."""
+    return not _started_here
+
 
 def init_ray(placement: PlacementConfig) -> None:
     """Idempotent. A local cluster gets `placement.num_cpus` / `num_gpus` (0 = detect); on a CPU machine
@@ -21,6 +29,8 @@ def init_ray(placement: PlacementConfig) -> None:
         return
     # A local, single-user cluster on this machine: Ray 2.60's token auth guards nothing here.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    global _started_here
+    _started_here = True
     ray.init(
         num_cpus=placement.num_cpus or None,
         num_gpus=placement.num_gpus or None,

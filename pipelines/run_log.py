@@ -23,6 +23,8 @@ from veason_ray.records import PromptGroup, Scored
 from veason_ray.visualize import BOX_COLOUR, GT_COLOUR, save_png
 
 log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"  # one JSON line per step, in the run's folder
+WANDB_ID_FILE = "wandb_run_id"  # the wandb run a resumed run continues
 
 SUMMARY_KEYS = (
     ("reward/total", "R", "{:.3f}"),
@@ -63,7 +65,7 @@ class RunLog:
     def __init__(self, cfg: VeasonConfig, output_dir: str | Path, resumed_at: int = 0) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "metrics.jsonl"
+        self.path = self.dir / METRICS_FILE
         self._drop_after(resumed_at)
         self.wandb = _start_wandb(cfg, self.dir)
 
@@ -104,7 +106,7 @@ def _start_wandb(cfg: VeasonConfig, out: Path) -> Any:
     except ImportError:  # pragma: no cover - wandb is a dependency; a broken install only loses the mirror
         log.warning("wandb is not importable; metrics go to metrics.jsonl only")
         return None
-    id_file = out / "wandb_run_id"
+    id_file = out / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(

@@ -28,13 +28,13 @@ from typing import Any
 
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.ray_runtime import init_ray
+from pipelines.run_log import METRICS_FILE
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import save_config
 from veason_ray.cot.records import COT_FILE, read_jsonl, validate_record
 from veason_ray.object_store import is_s3_uri, join_uri
 from veason_ray.training.sft import FormatScore, split_held_out
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "sft_summary.json"
 CURVE_FILE = "loss_curve.png"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from process_groups import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-0123456789"
@@ -87,10 +88,5 @@ def start_serve_server(folder: Path, storage, timeout_s: float = 420.0):
             time.sleep(1.0)
         yield server
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, signal.SIGINT)  # veason serve shuts Serve and its Ray down on Ctrl-C
         shutil.rmtree(ray_dir, ignore_errors=True)

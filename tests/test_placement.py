@@ -69,6 +69,17 @@ def test_a_cpu_shortage_names_the_cpus_and_the_keys_that_ask_for_them(cluster):
     assert "rollout.cpus_per_engine" in message and "GPU" not in message.split("short of")[1].split(";")[0]
 
 
+def test_a_local_cluster_that_cannot_grow_is_refused_at_once(cluster, monkeypatch):
+    # a cluster this process started has no autoscaler: the placement does not wait placement.timeout_s for it
+    monkeypatch.setattr("pipelines.placement.cluster_can_grow", lambda: False)
+    cfg = load_config("configs/demo.yaml", ["rollout.engines=3", "rollout.cpus_per_engine=8"])
+    assert cfg.placement.timeout_s == 900.0
+    with pytest.raises(
+        RuntimeError, match=r"waited 0 s \(placement.timeout_s\): the cluster is short of CPU"
+    ):
+        build_placement(cfg)
+
+
 def test_shortage_lists_each_short_resource_or_nothing_when_all_fit():
     from pipelines.placement import shortage
 

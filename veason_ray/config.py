@@ -273,6 +273,8 @@ class PlacementConfig:
     num_gpus: int = 0  # 0 = whatever the Ray cluster has
     num_cpus: int = 0  # 0 = whatever the Ray cluster has
     ray_address: str = ""  # empty = connect to RAY_ADDRESS or start a local cluster
+    # how long the pools wait for their GPUs and CPUs: an autoscaling cluster boots GPU nodes in minutes
+    timeout_s: float = 900.0
 
 
 @dataclass
@@ -331,7 +333,10 @@ class EvalConfig:
     """`veason eval`: a policy checkpoint on a benchmark split, as a Ray Data job (pipelines/evaluate.py)."""
 
     split: str = ""  # empty = data.eval_split
-    output_dir: str = ""  # local folder; empty = <run.output_dir>/eval
+    output_dir: str = ""  # a folder or s3:// URI; empty = <run.output_dir>/eval
+    push_every_s: float = (
+        60.0  # s3:// output_dir: results.jsonl uploaded at least this often (and at the end)
+    )
     max_expressions: int = 0  # 0 = all of the split (otherwise a seeded sample spread over it)
     # policy: the model's answers (vLLM engines, greedy); ground_truth: the answer a perfect policy would give
     # (the keyframe with the largest GT mask among the sampled frames and its GT boxes): checks the SAM2 path

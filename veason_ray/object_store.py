@@ -29,7 +29,7 @@ from veason_ray.config import StorageConfig
 S3_SCHEME = "s3://"
 _COPY_CHUNK = 8 << 20  # bytes per read when streaming a file between stores
 _TRANSFER_THREADS = 8  # files moved at once by download_tree / upload_tree
-_TMP_MARK = ".tmp-"  # infix of the temporary files that atomic writes rename into place
+TMP_MARK = ".tmp-"  # infix of the temporary files that atomic writes rename into place
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -63,7 +63,7 @@ def _safe_destination(local_dir: Path, rel: str, uri: str) -> Path:
 
 
 def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 @contextmanager
@@ -160,7 +160,7 @@ class ObjectStore(abc.ABC):
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise FileNotFoundError(f"{local_dir}: not a folder")
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and _TMP_MARK not in p.name)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and TMP_MARK not in p.name)
 
         def put(path: Path) -> None:
             uri = join_uri(uri_prefix, path.relative_to(local_dir).as_posix())
@@ -215,7 +215,7 @@ class LocalObjectStore(ObjectStore):
         for dirpath, _, names in os.walk(root):
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             for name in names:
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     continue
                 uri = join_uri(str(uri_prefix), rel_dir if rel_dir != "." else "", name)
                 out[uri] = (Path(dirpath) / name).stat().st_size
