@@ -9,12 +9,14 @@ veason infer CONFIG input=V query="..."  segment one video (an .mp4, a JPEG fold
 veason eval CONFIG [key=value ...]       evaluate a policy on a benchmark split (J, F, J&F, R)
 veason compare RUN_A RUN_B               compare two evaluation runs
 veason serve CONFIG [key=value ...]      the model behind an HTTP endpoint (Ray Serve) and a page to try it
+--verbose (anywhere)                     errors from Ray actors with their whole chain, not one line
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -34,8 +36,32 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def describe_ray_error(error: BaseException) -> str | None:
+    """One line for an error raised inside a Ray task or actor: where it happened (the actor and method) and the
+    original message, unwrapped from Ray's chained `RayTaskError`s; None for any other error."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(error, RayActorError):
+        text = str(getattr(error, "error_msg", "") or error).strip().splitlines()
+        return f"a Ray actor died: {text[0] if text else type(error).__name__}"
+    if not isinstance(error, RayTaskError):
+        return None
+    # "ray::LearnerWorker.setup() (pid=..., ip=...)" heads each level of Ray's message, outermost first
+    where = re.findall(r"ray::([\w.]+)\(", str(error))
+    while isinstance(error, RayTaskError):
+        cause = getattr(error, "cause", None)
+        if cause is None or cause is error:
+            break
+        error = cause
+    message = str(error).strip().splitlines()
+    origin = " <- ".join(dict.fromkeys(w for w in where if w))
+    return f"{origin}: {type(error).__name__}: {message[0] if message else ''}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # anywhere: Ray's full error chains instead of one line each
+    argv = [a for a in argv if a != "--verbose"]
     parser = argparse.ArgumentParser(prog="veason", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
@@ -47,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(sub_parser)
             sub_parser.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as error:
+        if verbose or "ray" not in sys.modules:
+            raise
+        line = describe_ray_error(error)
+        if line is None:
+            raise
+        print(f"veason {args.command}: {line} (--verbose shows Ray's whole error)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

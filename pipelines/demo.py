@@ -14,6 +14,7 @@ import copy
 import time
 from pathlib import Path
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.evaluate import format_report, run_evaluation
 from pipelines.grpo import train
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = save_config(cfg, output_dir / "config.yaml")
     notes = [ensure_dataset(cfg), *ensure_tiny_models(cfg)]
     print("\n".join(notes), flush=True)
+    preflight.check("demo", [*preflight.training_problems(cfg), *preflight.evaluation_problems(cfg)])
     init_ray(cfg.placement)
     before = run_evaluation(cfg, output_dir / "eval_before")
     print("\nbefore GRPO\n" + format_report(before), flush=True)

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from veason_ray.eval_summary import metric_columns
+from veason_ray.eval_summary import MISSING, metric_columns
 
-NOT_AVAILABLE = "n/a"
 REWARDS_SECTION = "rewards"  # the section of the reward rows (the others are subsets)
 
 
@@ -115,7 +114,7 @@ def comparison_rows(a: dict, b: dict) -> list[ComparisonRow]:
 
 def _cell(value: float, percent: bool, signed: bool = False) -> str:
     if math.isnan(value):
-        return NOT_AVAILABLE
+        return MISSING
     shown = round(100 * value, 1) if percent else round(value, 3)
     shown += 0.0  # -0.0 + 0.0 is +0.0: a difference that rounds to zero shows as +0.0
     digits = 1 if percent else 3
@@ -163,7 +162,7 @@ def markdown_report(
 
 
 def write_chart(rows: Sequence[ComparisonRow], names: Sequence[str], title: str, path: Path) -> Path:
-    """A grouped bar chart of J&F (%) per subset for runs A and B, each bar labelled with its value ("n/a"
+    """A grouped bar chart of J&F (%) per subset for runs A and B, each bar labelled with its value ("-"
     for a missing one, drawn at zero), saved as PNG at ``path``."""
     import matplotlib
 

@@ -49,7 +49,7 @@ from veason_ray.inference import (
 from veason_ray.metrics import score_expression
 from veason_ray.records import PromptGroup, Rollout, Sample
 from veason_ray.sample_building import read_ground_truth
-from veason_ray.video_decoding import BadDataError, frame_source
+from veason_ray.video_decoding import BadDataError, SampleTimeoutError, frame_source, within_deadline
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,17 @@ class PolicyViewReader(_DatasetStage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = zip(batch.column("video").to_pylist(), batch.column("exp_ids").to_pylist(), strict=True)
-        return encode_rows([self.read(video, json.loads(ids)) for video, ids in items])
+        return encode_rows([self.read_within_deadline(video, json.loads(ids)) for video, ids in items])
+
+    def read_within_deadline(self, video: str, exp_ids: list[str]) -> VideoRow:
+        """`read`, or a failed row (`timeout`) when it takes longer than data.sample_timeout_s."""
+        try:
+            return within_deadline(lambda: self.read(video, exp_ids), self.cfg.data.sample_timeout_s, video)
+        except SampleTimeoutError as error:
+            records = [self.dataset.expression(video, e) for e in exp_ids]
+            row = VideoRow(video, {"expressions": [{"record": asdict(r)} for r in records]})
+            row.fail(_bad_data(error))
+            return row
 
     def read(self, video: str, exp_ids: list[str]) -> VideoRow:
         started = time.perf_counter()
@@ -319,7 +329,9 @@ class FrameReader(_DatasetStage):
                 continue
             started = time.perf_counter()
             try:
-                row.frames = self._frames(row.video)
+                row.frames = within_deadline(
+                    lambda video=row.video: self._frames(video), self.cfg.data.sample_timeout_s, row.video
+                )
             except BAD_DATA as error:
                 row.fail(_bad_data(error))
             row.timed("read_frames", time.perf_counter() - started)

@@ -30,6 +30,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.eval_stages import (
     ExpressionScorer,
@@ -309,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import init_ray
 
     cfg = config_from_args(args, "eval")
+    preflight.check("eval", preflight.evaluation_problems(cfg))
     init_ray(cfg.placement)
     report = run_evaluation(cfg)
     where = report.outputs.uri_of

@@ -48,7 +48,7 @@ from veason_ray.datasets import ExpressionRecord, open_dataset, select_expressio
 from veason_ray.object_store import S3_SCHEME, S3ObjectStore, join_uri, store_for
 from veason_ray.records import PromptGroup, Sample
 from veason_ray.sample_building import FrameMaterial, Mode, SamplingSpec, build_material, sample_key
-from veason_ray.video_decoding import BadDataError
+from veason_ray.video_decoding import BadDataError, within_deadline
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,18 @@ class SampleDecoder:
         record = self.dataset.expression(video, exp_id)
         key = sample_key(record)
         try:
-            material = build_material(
-                self.dataset,
-                record,
-                self.spec,
-                self.epoch,
-                None,
-                self.data.video_format,
-                self.data.video_backend,
+            material = within_deadline(
+                lambda: build_material(
+                    self.dataset,
+                    record,
+                    self.spec,
+                    self.epoch,
+                    None,
+                    self.data.video_format,
+                    self.data.video_backend,
+                ),
+                self.data.sample_timeout_s,
+                key,
             )
         except BadDataError as e:
             return skip_row(key, e.reason, str(e))

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.placement import build_placement
 from pipelines.ray_runtime import init_ray
@@ -413,6 +414,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = config_from_args(args, "grpo")
+    preflight.check("grpo", preflight.training_problems(cfg))
     result = train(cfg)
     print(
         f"GRPO finished at step {result['steps']}"

@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from veason_ray.config import VeasonConfig
 from veason_ray.inference import VideoSegmentation
@@ -101,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("veason infer: no video: pass input=PATH (an .mp4, a folder of JPEGs, or s3://...)")
     if not cfg.infer.query.strip():
         raise SystemExit('veason infer: no query: pass query="what to segment" (infer.query)')
+    video = preflight.input_problems("infer.input", cfg.infer.input, cfg.storage)
+    policy = preflight.model_problems("model.policy", cfg.model.policy, cfg.storage)
+    preflight.check("infer", [*video, *policy, *preflight.sam2_problems(cfg)])
     started = time.perf_counter()
     try:
         video = read_whole_video(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from veason_ray.config import VeasonConfig
 
@@ -58,26 +59,11 @@ def serve_config_document(cfg: VeasonConfig, config_path: str | None, overrides:
     }
 
 
-def missing_models(cfg: VeasonConfig) -> list[str]:
-    """The model keys naming a local path that does not exist (checked before Serve starts its replicas)."""
-    from veason_ray.models.specs import is_local_path
-
-    specs = [("model.policy", cfg.model.policy)]
-    if cfg.reward.propagator == "sam2":
-        specs.append(("reward.sam2.checkpoint", cfg.reward.sam2.checkpoint))
-    return [
-        f"{key}={spec}: no such file or folder (a local path, an s3:// copy or a hub id; `veason demo` or "
-        "`veason tiny-models --out DIR` writes the tiny ones)"
-        for key, spec in specs
-        if is_local_path(spec) and not Path(spec).exists()
-    ]
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "serve")
-    missing = missing_models(cfg)
-    if missing and not args.write_serve_config:
-        raise SystemExit("veason serve: " + "; ".join(missing))
+    if not args.write_serve_config:  # the models are checked before Serve starts its replicas
+        policy = preflight.model_problems("model.policy", cfg.model.policy, cfg.storage)
+        preflight.check("serve", [*policy, *preflight.sam2_problems(cfg)])
     config_path = args.config if args.config and "=" not in args.config else None
     overrides = [o for o in ([args.config] if args.config and "=" in args.config else []) + args.overrides]
     if args.write_serve_config:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.ray_runtime import init_ray
 from pipelines.run_log import METRICS_FILE
@@ -215,6 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "sft")
+    preflight.check("sft", preflight.policy_problems(cfg))
     started = time.perf_counter()
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

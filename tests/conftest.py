@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import uuid
@@ -114,6 +115,17 @@ def s3_bucket(s3_server: StorageConfig) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     create_bucket(s3_server, name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray cluster (4 logical CPUs) for the tests of one module; shut down after them."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def pytest_configure(config: pytest.Config) -> None:

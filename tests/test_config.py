@@ -61,11 +61,41 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("data.expression_types=[0,x]", r"'data.expression_types\[1\]': expected int, got str 'x'"),
         ("rollout=3", r"rollout: expected a mapping of RolloutConfig fields, got int 3"),
         ("rollout.n", r"expected KEY=VALUE"),
+        ("rollout.n=0", r"^rollout\.n=0: must be >= 1$"),
+        ("rollout.gpu_memory_utilization=1.5", r"rollout\.gpu_memory_utilization=1\.5: must be in \(0, 1\]"),
+        ("learner.lr=0", r"learner\.lr=0\.0: must be > 0"),
+        ("serve.port=70000", r"serve\.port=70000: must be in \[1, 65535\]"),
+        ("sft.held_out_fraction=1", r"sft\.held_out_fraction=1\.0: must be in \[0, 1\)"),
+        ("data.synth.min_objects=7", r"data\.synth\.min_objects=7 > data\.synth\.max_objects=6"),
+        ("serve.policy.autoscale=true", None),  # min 1 <= max 1: fine
     ],
 )
 def test_bad_values_name_the_key(override, message):
+    if message is None:
+        load_config(None, [override])
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_every_number_field_declares_its_bounds():
+    """Each int/float key of the tree states what it accepts (field metadata), so no value goes unchecked."""
+    import dataclasses
+    import typing
+
+    from veason_ray.config import VeasonConfig
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            elif hints[f.name] in (int, float) and f.name != "seed":
+                yield f"{prefix}{f.name}", "bounds" in f.metadata
+
+    keys = dict(walk(VeasonConfig, ""))
+    assert len(keys) > 150 and "serve.masks.max_batch_size" in keys and "rollout.sampling.top_p" in keys
+    assert [key for key, bounded in keys.items() if not bounded] == []
 
 
 def test_bad_files_name_the_file(tmp_path):

@@ -100,8 +100,8 @@ def test_revos_comparison_table_and_chart(tmp_path: Path, capsys: pytest.Capture
     assert rows[("overall", "R")] == ["85.0", "87.5", "+2.5"]
     assert rows[("overall", "R (release)")] == ["85.0", "87.5", "+2.5"]
     assert rows[("reasoning", "R")] == ["80.0", "80.0", "+0.0"]
-    assert rows[("no-target (type 2)", "J&F")] == ["n/a", "25.0", "n/a"]
-    assert rows[("no-target (type 2)", "R")] == ["n/a", "n/a", "n/a"]
+    assert rows[("no-target (type 2)", "J&F")] == ["-", "25.0", "-"]
+    assert rows[("no-target (type 2)", "R")] == ["-", "-", "-"]
     assert "| subset | metric (%) | sft | grpo | B − A |" in markdown
     rewards = _reward_rows(markdown)
     assert rewards["format"] == ["1.900", "1.950", "+0.050"]

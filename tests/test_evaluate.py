@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from veason_ray.config_loading import load_config
 from veason_ray.datasets import open_dataset
@@ -30,14 +29,6 @@ GT_RUN = [
     "eval.answers=ground_truth", "reward.propagator=colour", "eval.max_expressions=0", "eval.worst_overlays=1",
     "eval.score_oracle=false", "data.eval_num_frames=4", "data.decode_concurrency=1", "placement.num_cpus=4",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _root(layout, synthetic_revos, synthetic_mevis, synthetic_reasonvos) -> Path:
@@ -117,6 +108,21 @@ def test_a_corrupt_video_is_recorded_and_the_run_completes(local_ray, tmp_path, 
     assert report.summary["expressions"] == len(dataset) - len(failed)
     assert report.summary["subsets"]["overall"]["jf"] >= 0.9
     assert "Not evaluated" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+def test_reads_past_their_deadline_are_recorded_as_timeouts_and_the_run_completes(
+    local_ray, tmp_path, synthetic_revos
+):
+    from pipelines.evaluate import run_evaluation
+
+    report = run_evaluation(
+        _config("revos", synthetic_revos, tmp_path / "eval", "data.sample_timeout_s=0.000001")
+    )
+    assert report.results and all(r.error and r.error.startswith("timeout: ") for r in report.results)
+    assert (
+        report.summary["failures"] == {"timeout": len(report.results)} and report.summary["expressions"] == 0
+    )
+    assert "nan" not in (tmp_path / "eval" / "summary.md").read_text().lower()
 
 
 @pytest.mark.slow  # ~70 s: two runs of the job in their own processes, one killed (make test-slow)

@@ -218,4 +218,27 @@ def test_score_expression_and_revos_summary():
     assert summary["overall"].j == pytest.approx(0.65) and summary["overall"].count == 3
     assert subset_mean(scores).jf == pytest.approx((0.6 + 0.4 + 0.9 + 0.0) / 4)
     empty = revos_summary([ExpressionScore(j=1.0, f=1.0, type_id=0)])
-    assert math.isnan(empty["reasoning"].jf) and math.isnan(empty["overall"].jf)
+    assert math.isnan(empty["reasoning"].jf) and empty["reasoning"].count == 0
+    assert empty["overall"].jf == 1.0 and empty["overall"].count == 1  # from what was scored
+    assert math.isnan(revos_summary([])["overall"].jf)
+
+
+def test_a_summary_with_an_empty_subset_prints_a_dash_and_overall_from_what_was_scored():
+    from veason_ray.eval_summary import format_summary, summarise_results, summary_markdown
+    from veason_ray.evaluation import ExpressionResult
+
+    rewards = {"format": 1.0, "keyframe": 0.0, "spatial": 0.5, "consistency": 0.5, "total": 2.0}
+    results = [
+        ExpressionResult(f"v{i}", "0", "the cat", 0, False, j=0.5, f=0.7, r_release=1.0, r_corrected=1.0,
+                         rewards=rewards)
+        for i in range(3)
+    ]  # fmt: skip
+    summary = summarise_results(
+        results, benchmark="revos", split="valid", policy="p", answers="policy", seconds=1.0, evaluated=3
+    )
+    table = format_summary(summary)
+    assert "nan" not in table.lower() and "nan" not in summary_markdown(summary).lower()
+    reasoning = next(line for line in table.splitlines() if line.startswith("reasoning"))
+    assert reasoning.split()[1:] == ["0", "-", "-", "-", "-", "-"]
+    overall = next(line for line in table.splitlines() if line.startswith("overall"))
+    assert overall.split()[1:4] == ["3", "50.0", "70.0"]

@@ -239,8 +239,11 @@ def _sam2_reference(predictor, jpeg_dir: Path, keyframe: int, boxes: np.ndarray,
     return masks
 
 
-def test_sam2_propagator_equals_sam2_on_a_jpeg_folder(sam2_predictor, tmp_path):
-    from veason_ray.models.sam2_propagator import SAM2MaskPropagator
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sam2_propagator_equals_sam2_on_a_jpeg_folder(sam2_predictor, tmp_path, threads):
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    from veason_ray.models.sam2_propagator import SAM2MaskPropagator, sam2_input_frames
 
     clip = _moving_disc_clip()
     for index, frame in enumerate(clip):
@@ -249,8 +252,12 @@ def test_sam2_propagator_equals_sam2_on_a_jpeg_folder(sam2_predictor, tmp_path):
     frames = np.stack(
         [np.array(Image.open(tmp_path / f"{i:05d}.jpg").convert("RGB")) for i in range(len(clip))]
     )
+    images, _, _ = load_video_frames_from_jpg_images(
+        str(tmp_path), sam2_predictor.image_size, offload_video_to_cpu=True
+    )
+    assert torch.equal(sam2_input_frames(frames, sam2_predictor.image_size, threads), images)  # bit for bit
     boxes = np.array([[8, 20, 44, 52], [60, 10, 90, 40]], dtype=np.float32)
-    propagator = SAM2MaskPropagator(sam2_predictor)
+    propagator = SAM2MaskPropagator(sam2_predictor, preprocess_threads=threads)
     keyframe = 2
     for count in (0, 1, 2):
         masks = propagator.propagate(frames, keyframe, boxes[:count])

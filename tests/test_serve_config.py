@@ -66,7 +66,8 @@ def test_the_builder_makes_the_three_deployments_with_their_gpu_shares(monkeypat
     assert ingress.name == "ingress"
     policy, masks = ingress.init_args[1:]
     assert policy._bound_deployment.ray_actor_options["num_gpus"] == 0.6
-    assert masks._bound_deployment.ray_actor_options["num_gpus"] == 0.3
+    assert masks._bound_deployment.ray_actor_options["num_gpus"] == 0.15
+    assert masks._bound_deployment._deployment_config.num_replicas == 2  # one prepares while the other tracks
     with pytest.raises(ConfigError, match="overrides"):
         app_builder({"config": "configs/serve-3b-1gpu.yaml", "overrides": "serve.port=1"})
 
@@ -76,5 +77,8 @@ def test_serve_refuses_a_missing_local_model_before_starting(tmp_path):
                f"model.policy={tmp_path}/nothing", "reward.propagator=colour"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert f"veason serve: model.policy={tmp_path}/nothing: no such file or folder" in done.stderr
+    assert (
+        f"veason serve: cannot start:\n  model.policy={tmp_path}/nothing: no such folder; `make demo`"
+        in done.stderr
+    )
     assert "reward.sam2.checkpoint" not in done.stderr  # the colour tracker loads no model

@@ -132,3 +132,18 @@ def test_truncated_and_corrupt_mp4(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(io.BytesIO(b"\x00" * 500).read())
     with pytest.raises(CorruptVideoError):
         Mp4Source(LocalObjectStore(), "v", str(tmp_path / "junk.mp4"), 40, None, backend="decord").read([0])
+
+
+def test_a_read_past_its_deadline_is_a_timeout_and_other_outcomes_pass_through():
+    import threading
+
+    from veason_ray.video_decoding import SampleTimeoutError, within_deadline
+
+    release = threading.Event()
+    with pytest.raises(SampleTimeoutError, match=r"video_7: not read in 0.05 s \(data.sample_timeout_s\)"):
+        within_deadline(release.wait, 0.05, "video_7")  # a read that never returns on its own
+    release.set()
+    assert SampleTimeoutError.reason == "timeout"
+    assert within_deadline(lambda: 42, 5.0, "x") == 42
+    with pytest.raises(KeyError):
+        within_deadline(lambda: {}["missing"], 5.0, "x")

@@ -13,6 +13,42 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number field accepts (checked by `config_loading` wherever the value came from)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is refused
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+def ge(low: float) -> dict[str, Bounds]:
+    """Field metadata: the value must be >= low."""
+    return {"bounds": Bounds(low)}
+
+
+def gt(low: float) -> dict[str, Bounds]:
+    """Field metadata: the value must be > low."""
+    return {"bounds": Bounds(low, low_open=True)}
+
+
+def within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> dict[str, Bounds]:
+    """Field metadata: the value must lie between low and high (each end included unless open)."""
+    return {"bounds": Bounds(low, high, low_open, high_open)}
+
+
 @dataclass
 class RunConfig:
     """Where a run writes and how it is seeded."""
@@ -33,9 +69,9 @@ class StorageConfig:
     access_key_id: str = ""
     secret_access_key: str = ""
     session_token: str = ""
-    max_attempts: int = 5
-    connect_timeout_s: float = 10.0
-    request_timeout_s: float = 60.0
+    max_attempts: int = field(default=5, metadata=ge(1))
+    connect_timeout_s: float = field(default=10.0, metadata=gt(0))
+    request_timeout_s: float = field(default=60.0, metadata=gt(0))
 
     def resolved(self) -> StorageConfig:
         """A copy with empty fields filled from the standard AWS environment variables."""
@@ -66,15 +102,15 @@ class SynthConfig:
     """The embedded synthetic world (`veason synth`), written when `data.root` does not exist yet."""
 
     enabled: bool = False
-    videos: int = 24
-    frames: int = 16
-    height: int = 240
-    width: int = 320
+    videos: int = field(default=24, metadata=ge(1))
+    frames: int = field(default=16, metadata=ge(1))
+    height: int = field(default=240, metadata=ge(16))
+    width: int = field(default=320, metadata=ge(16))
     # objects per scene, drawn uniformly in [min_objects, max_objects]; 1 and 1 make every expression's target
     # the scene's only object (the learning run's world: no distractors to tell apart)
-    min_objects: int = 3
-    max_objects: int = 6
-    valid_fraction: float = 0.25
+    min_objects: int = field(default=3, metadata=ge(1))
+    max_objects: int = field(default=6, metadata=ge(1))
+    valid_fraction: float = field(default=0.25, metadata=within(0, 1))
     seed: int = 0
 
 
@@ -86,23 +122,39 @@ class DataConfig:
     root: str = "data/revos"  # local folder or s3://bucket/prefix holding the dataset's on-disk layout
     train_split: str = "train"
     eval_split: str = "valid"
-    num_frames: int = 6  # frames shown to the policy in training, keyframe included (ours: exactly N)
-    eval_num_frames: int = 8  # evenly spaced frames in evaluation (release: 8)
-    frame_size: int = 560  # frames are resized to frame_size x frame_size (bilinear, aspect not kept)
-    keyframe_top_k: int = 5  # the training keyframe is drawn from the k frames with the largest GT mask
-    max_expressions: int = 0  # 0 = all
+    num_frames: int = field(
+        default=6, metadata=ge(1)
+    )  # frames shown to the policy in training, keyframe included (ours: exactly N)
+    eval_num_frames: int = field(default=8, metadata=ge(1))  # evenly spaced frames in evaluation (release: 8)
+    frame_size: int = field(
+        default=560, metadata=ge(28)
+    )  # frames are resized to frame_size x frame_size (bilinear, aspect not kept)
+    keyframe_top_k: int = field(
+        default=5, metadata=ge(1)
+    )  # the training keyframe is drawn from the k frames with the largest GT mask
+    max_expressions: int = field(default=0, metadata=ge(0))  # 0 = all
     expression_types: list[int] = field(default_factory=lambda: [0, 1, 2])
     synth: SynthConfig = field(default_factory=SynthConfig)
     # Ray Data frame streaming (pipelines/frame_stream.py)
     video_format: Literal["jpeg", "mp4"] = "jpeg"  # jpeg: JPEGImages/<video>/*.jpg; mp4: Videos/<video>.mp4
     video_backend: Literal["pyav", "decord"] = "pyav"  # mp4 decoder
-    decode_concurrency: int = 2  # decoding actors (each reads the mask file once, then decodes samples)
-    decode_num_cpus: float = 1.0  # CPUs reserved per decoding actor
-    decode_batch_size: int = 4  # expressions per decoding call (a Ray Data block holds this many samples)
-    prefetch_batches: int = 2  # consumer-side batches decoded ahead of the GRPO driver / evaluator
+    decode_concurrency: int = field(
+        default=2, metadata=ge(1)
+    )  # decoding actors (each reads the mask file once, then decodes samples)
+    decode_num_cpus: float = field(default=1.0, metadata=ge(0))  # CPUs reserved per decoding actor
+    decode_batch_size: int = field(
+        default=4, metadata=ge(1)
+    )  # expressions per decoding call (a Ray Data block holds this many samples)
+    # a sample (its frames, masks and boxes) not read within this is skipped and counted as `timeout`
+    sample_timeout_s: float = field(default=120.0, metadata=gt(0))
+    prefetch_batches: int = field(
+        default=2, metadata=ge(1)
+    )  # consumer-side batches decoded ahead of the GRPO driver / evaluator
     shuffle: bool = True  # training: expression order shuffled per epoch (seeded by run.seed and the epoch)
     cache_uri: str = ""  # local folder or s3:// prefix for the decoded-frame Parquet cache; empty = no cache
-    progress_every_s: float = 30.0  # seconds between throughput log lines; 0 = no log
+    progress_every_s: float = field(
+        default=30.0, metadata=ge(0)
+    )  # seconds between throughput log lines; 0 = no log
 
 
 @dataclass
@@ -120,9 +172,9 @@ class ModelConfig:
 class SamplingConfig:
     """Decoding settings of rollouts (paper: temperature 1.0, top_p 1.0, 1024 new tokens)."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
+    temperature: float = field(default=1.0, metadata=ge(0))
+    top_p: float = field(default=1.0, metadata=within(0, 1, low_open=True))
+    max_new_tokens: int = field(default=1024, metadata=ge(1))
     stop: list[str] = field(default_factory=list)
 
 
@@ -130,16 +182,18 @@ class SamplingConfig:
 class RolloutConfig:
     """The vLLM rollout pool."""
 
-    engines: int = 1
-    gpus_per_engine: float = 1.0  # fractions allowed when colocated
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.25  # release: 25% with sleep mode, colocated
-    n: int = 8  # responses per prompt (the GRPO group size)
-    max_prompt_tokens: int = 7100
+    engines: int = field(default=1, metadata=ge(1))
+    gpus_per_engine: float = field(default=1.0, metadata=ge(0))  # fractions allowed when colocated
+    tensor_parallel_size: int = field(default=1, metadata=ge(1))
+    gpu_memory_utilization: float = field(
+        default=0.25, metadata=within(0, 1, low_open=True)
+    )  # release: 25% with sleep mode, colocated
+    n: int = field(default=8, metadata=ge(1))  # responses per prompt (the GRPO group size)
+    max_prompt_tokens: int = field(default=7100, metadata=ge(1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    sleep_level: int = 2
-    weight_bucket_mb: int = 1024
-    request_timeout_s: float = 600.0
+    sleep_level: int = field(default=2, metadata=within(1, 2))
+    weight_bucket_mb: int = field(default=1024, metadata=ge(1))
+    request_timeout_s: float = field(default=600.0, metadata=gt(0))
     # vLLM rollout pool (actors/rollout.py, actors/weight_sync.py)
     # auto: with CUDA, ipc when colocated and nccl when disaggregated; reload on CPU
     weight_transport: Literal["auto", "ipc", "nccl", "reload"] = "auto"
@@ -148,15 +202,19 @@ class RolloutConfig:
     )  # weights synced in between
     enable_sleep_mode: bool = True  # GPU only; vLLM's CPU worker has no sleep mode
     enforce_eager: bool = False  # True skips torch.compile and CUDA graphs (fast start; CPU tests, demo)
-    max_model_len: int = 8192  # prompt + response tokens
-    max_images_per_prompt: int = 8
+    max_model_len: int = field(default=8192, metadata=ge(1))  # prompt + response tokens
+    max_images_per_prompt: int = field(default=8, metadata=ge(1))
     # never sample <|vision_start|>, <|image_pad|>, ... (a logit_bias: slows vLLM's sampler; the GPU configs turn
     # it off, a trained Qwen does not emit them and the learner masks any that appear)
     suppress_vision_tokens: bool = True
-    max_restarts: int = 2  # engine restarts one generate call may spend before it fails
+    max_restarts: int = field(
+        default=2, metadata=ge(0)
+    )  # engine restarts one generate call may spend before it fails
     restart_in_place: bool = True  # a restart builds a new vLLM in the live actor, else a new actor
-    restart_in_place_timeout_s: float = 180.0  # then a new actor instead (3B on an H100: vLLM starts in 65 s)
-    cpus_per_engine: float = 1.0
+    restart_in_place_timeout_s: float = field(
+        default=180.0, metadata=gt(0)
+    )  # then a new actor instead (3B on an H100: vLLM starts in 65 s)
+    cpus_per_engine: float = field(default=1.0, metadata=ge(0))
     # where vLLM's engine core runs: "inproc" (in the actor: half the start-up on CPU), "separate" (its own
     # process: scheduling overlaps GPU execution); auto = inproc on CPU, separate with CUDA
     engine_core_process: Literal["auto", "inproc", "separate"] = "auto"
@@ -172,10 +230,10 @@ class RolloutConfig:
 class RewardWeights:
     """Weight of each reward part in the total (the paper: all 1, so the total lies in [0, 5])."""
 
-    format: float = 1.0
-    keyframe: float = 1.0
-    spatial: float = 1.0
-    consistency: float = 1.0
+    format: float = field(default=1.0, metadata=ge(0))
+    keyframe: float = field(default=1.0, metadata=ge(0))
+    spatial: float = field(default=1.0, metadata=ge(0))
+    consistency: float = field(default=1.0, metadata=ge(0))
 
 
 @dataclass
@@ -184,7 +242,10 @@ class SAM2Config:
 
     checkpoint: str = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt"
     config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
-    image_size: int = 0  # 0 = the config's own (1024)
+    image_size: int = field(default=0, metadata=ge(0))  # 0 = the config's own (1024)
+    preprocess_threads: int = field(
+        default=4, metadata=ge(1)
+    )  # frames resized and normalised at once on the CPU before SAM2's encoder
 
 
 @dataclass
@@ -192,22 +253,30 @@ class RewardConfig:
     """Verifiable rewards and the reward pool (SAM2, or the colour tracker of the synthetic world)."""
 
     weights: RewardWeights = field(default_factory=RewardWeights)
-    max_boxes: int = 120
+    max_boxes: int = field(default=120, metadata=ge(1))
     sam2: SAM2Config = field(default_factory=SAM2Config)
     # The mask propagator of the consistency reward and of evaluation. "sam2": the frozen SAM2 of `sam2`.
     # "colour": a colour tracker (models/colour_propagator.py), for the synthetic world only: J&F and the
     # consistency reward are meaningful there without SAM2 weights; no SAM2 checkpoint is loaded.
     propagator: Literal["sam2", "colour"] = "sam2"
-    actors: int = 1
-    gpus_per_actor: float = 0.25
-    timeout_s: float = 300.0
-    max_retries: int = 2
-    cpus_per_actor: float = 1.0
-    max_restarts: int = 4  # Ray restarts of one reward actor before the pool replaces it
-    max_groups_per_batch: int = 16  # groups one actor scores in one shared SAM2 pass
-    batch_wait_s: float = 0.02  # how long an idle actor waits for more groups to join a batch
-    encode_batch_size: int = 8  # frames per SAM2 image-encoder call
-    max_objects_per_batch: int = 64  # SAM2 objects per batched track_step (bounds GPU memory)
+    actors: int = field(default=1, metadata=ge(1))
+    gpus_per_actor: float = field(default=0.25, metadata=ge(0))
+    timeout_s: float = field(default=300.0, metadata=gt(0))
+    max_retries: int = field(default=2, metadata=ge(0))
+    cpus_per_actor: float = field(default=1.0, metadata=ge(0))
+    max_restarts: int = field(
+        default=4, metadata=ge(0)
+    )  # Ray restarts of one reward actor before the pool replaces it
+    max_groups_per_batch: int = field(
+        default=16, metadata=ge(1)
+    )  # groups one actor scores in one shared SAM2 pass
+    batch_wait_s: float = field(
+        default=0.02, metadata=ge(0)
+    )  # how long an idle actor waits for more groups to join a batch
+    encode_batch_size: int = field(default=8, metadata=ge(1))  # frames per SAM2 image-encoder call
+    max_objects_per_batch: int = field(
+        default=64, metadata=ge(1)
+    )  # SAM2 objects per batched track_step (bounds GPU memory)
 
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean"]
@@ -218,19 +287,19 @@ class GRPOLossConfig:
     """GRPO loss coefficients (paper defaults) and the aggregation over tokens: the paper's token mean per
     sequence then mean over sequences, or the mean over all response tokens of the batch."""
 
-    clip_ratio: float = 0.2
-    kl_coef: float = 5e-3
-    entropy_coef: float = 1e-3
-    kl_clamp: float = 10.0
+    clip_ratio: float = field(default=0.2, metadata=gt(0))
+    kl_coef: float = field(default=5e-3, metadata=ge(0))
+    entropy_coef: float = field(default=1e-3, metadata=ge(0))
+    kl_clamp: float = field(default=10.0, metadata=gt(0))
     aggregation: Aggregation = "seq_mean_token_mean"
 
 
 @dataclass
 class LoRAConfig:
     enabled: bool = False
-    rank: int = 64
-    alpha: int = 128
-    dropout: float = 0.05
+    rank: int = field(default=64, metadata=ge(1))
+    alpha: int = field(default=128, metadata=ge(1))
+    dropout: float = field(default=0.05, metadata=within(0, 1, high_open=True))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -240,25 +309,27 @@ class LoRAConfig:
 class LearnerConfig:
     """The DeepSpeed learner and the GRPO loss (paper defaults)."""
 
-    workers: int = 1  # ranks of the torch.distributed group (data parallel, ZeRO-sharded)
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    workers: int = field(
+        default=1, metadata=ge(1)
+    )  # ranks of the torch.distributed group (data parallel, ZeRO-sharded)
+    gpus_per_worker: float = field(default=1.0, metadata=ge(0))
+    cpus_per_worker: float = field(default=1.0, metadata=ge(0))
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
     bf16: bool = True
     gradient_checkpointing: bool = True
-    micro_batch_size: int = 4
-    lr: float = 1e-6
+    micro_batch_size: int = field(default=4, metadata=ge(1))
+    lr: float = field(default=1e-6, metadata=gt(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = field(default=0.01, metadata=ge(0))
+    grad_clip: float = field(default=1.0, metadata=ge(0))
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     freeze_vision: bool = False  # the paper trains the vision tower too
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optimizer: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeedCPUAdam when offloading on GPU
-    warmup_steps: int = 0  # linear lr warm-up, then constant (paper: constant)
-    reduce_bucket_mb: float = 200.0  # ZeRO reduce / all-gather bucket size
+    warmup_steps: int = field(default=0, metadata=ge(0))  # linear lr warm-up, then constant (paper: constant)
+    reduce_bucket_mb: float = field(default=200.0, metadata=gt(0))  # ZeRO reduce / all-gather bucket size
     # "recompute": one optimizer step per rollout batch, so the learner's own forward gives the old log-probs;
     # "engine": the rollout engine's log-probs (needed when generation runs ahead: trainer.max_staleness > 0)
     old_logprobs: Literal["recompute", "engine"] = "recompute"
@@ -270,11 +341,11 @@ class PlacementConfig:
     """How the pools share GPUs. `num_gpus` > 0 on a CPU machine declares logical GPUs to a local Ray."""
 
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    num_gpus: int = 0  # 0 = whatever the Ray cluster has
-    num_cpus: int = 0  # 0 = whatever the Ray cluster has
+    num_gpus: int = field(default=0, metadata=ge(0))  # 0 = whatever the Ray cluster has
+    num_cpus: int = field(default=0, metadata=ge(0))  # 0 = whatever the Ray cluster has
     ray_address: str = ""  # empty = connect to RAY_ADDRESS or start a local cluster
     # how long the pools wait for their GPUs and CPUs: an autoscaling cluster boots GPU nodes in minutes
-    timeout_s: float = 900.0
+    timeout_s: float = field(default=900.0, metadata=ge(0))
 
 
 @dataclass
@@ -288,16 +359,16 @@ class WandbConfig:
 class TrainerConfig:
     """The GRPO driver's loop."""
 
-    steps: int = 625
-    prompts_per_step: int = 16
-    save_every: int = 50
+    steps: int = field(default=625, metadata=ge(0))
+    prompts_per_step: int = field(default=16, metadata=ge(1))
+    save_every: int = field(default=50, metadata=ge(0))
     resume: bool = True
-    log_every: int = 1
-    sample_images_every: int = 25
+    log_every: int = field(default=1, metadata=ge(0))
+    sample_images_every: int = field(default=25, metadata=ge(0))
     # 0 = on-policy; 1 = generate step k+1 while step k trains (needs placement.mode=disaggregated and
     # learner.old_logprobs=engine; then every step's rollouts but those of a run's first step are one weight
     # version old)
-    max_staleness: int = 0
+    max_staleness: int = field(default=0, metadata=within(0, 1))
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -308,14 +379,18 @@ class InferenceConfig:
     # `veason infer`: the policy in this process on a vLLM engine or with Hugging Face generate (`veason eval`
     # always runs vLLM engines: `rollout.engines` of `rollout.gpus_per_engine` GPUs each)
     generator: Literal["vllm", "hf"] = "vllm"
-    max_new_tokens: int = 1024
-    temperature: float = 0.0  # 0 = greedy (the method's evaluation)
+    max_new_tokens: int = field(default=1024, metadata=ge(1))
+    temperature: float = field(default=0.0, metadata=ge(0))  # 0 = greedy (the method's evaluation)
     # vLLM structured outputs: every answer is in the answer format (prompts.answer_regex), with a keyframe among
     # the prompt's timestamps; for untrained or weak checkpoints, whose free answers seldom parse
     constrain_answer: bool = False
-    constrained_think_chars: int = 256  # longest think text a constrained answer may write
-    constrained_max_boxes: int = 8  # most boxes a constrained answer may write
-    max_video_frames: int = 1000  # longer videos are refused: every frame and its mask are held in memory
+    constrained_think_chars: int = field(
+        default=256, metadata=ge(1)
+    )  # longest think text a constrained answer may write
+    constrained_max_boxes: int = field(default=8, metadata=ge(1))  # most boxes a constrained answer may write
+    max_video_frames: int = field(
+        default=1000, metadata=ge(1)
+    )  # longer videos are refused: every frame and its mask are held in memory
 
 
 @dataclass
@@ -325,7 +400,7 @@ class InferConfig:
     input: str = ""  # an .mp4 file, a folder of JPEG (or PNG) frames, or an s3:// path to either
     query: str = ""
     output_dir: str = ""  # empty = <run.output_dir>/infer/<input's name>
-    fps: float = 6.0  # frames per second of the overlay video
+    fps: float = field(default=6.0, metadata=gt(0))  # frames per second of the overlay video
 
 
 @dataclass
@@ -334,22 +409,32 @@ class EvalConfig:
 
     split: str = ""  # empty = data.eval_split
     output_dir: str = ""  # a folder or s3:// URI; empty = <run.output_dir>/eval
-    push_every_s: float = (
-        60.0  # s3:// output_dir: results.jsonl uploaded at least this often (and at the end)
-    )
-    max_expressions: int = 0  # 0 = all of the split (otherwise a seeded sample spread over it)
+    push_every_s: float = field(
+        default=60.0, metadata=ge(0)
+    )  # s3:// output_dir: results.jsonl uploaded at least this often (and at the end)
+    max_expressions: int = field(
+        default=0, metadata=ge(0)
+    )  # 0 = all of the split (otherwise a seeded sample spread over it)
     # policy: the model's answers (vLLM engines, greedy); ground_truth: the answer a perfect policy would give
     # (the keyframe with the largest GT mask among the sampled frames and its GT boxes): checks the SAM2 path
     answers: Literal["policy", "ground_truth"] = "policy"
     score_oracle: bool = True  # also score the ground-truth answer of every expression (oracle columns)
-    policy_batch_videos: int = 8  # videos whose expressions go to one vLLM generate call
-    scorers: int = 1  # actors computing J, F and R and writing the masks
-    scorer_gpus: float = 0.0  # GPU share of each scorer: metrics on the GPU when > 0
+    policy_batch_videos: int = field(
+        default=8, metadata=ge(1)
+    )  # videos whose expressions go to one vLLM generate call
+    scorers: int = field(default=1, metadata=ge(1))  # actors computing J, F and R and writing the masks
+    scorer_gpus: float = field(
+        default=0.0, metadata=ge(0)
+    )  # GPU share of each scorer: metrics on the GPU when > 0
     write_masks: bool = True  # predicted masks as PNGs in the public tools' layout: masks/<video>/<exp_id>/
     overlays: list[str] = field(default_factory=list)  # "video/exp_id" keys drawn as overlay videos
-    worst_overlays: int = 4  # the N lowest-J&F expressions drawn as overlay videos at the end
+    worst_overlays: int = field(
+        default=4, metadata=ge(0)
+    )  # the N lowest-J&F expressions drawn as overlay videos at the end
     retry_failed: bool = True  # a rerun retries expressions whose earlier attempt failed
-    stall_timeout_s: float = 1800.0  # no expression finished for this long: the run stops with the stage
+    stall_timeout_s: float = field(
+        default=1800.0, metadata=gt(0)
+    )  # no expression finished for this long: the run stops with the stage
 
 
 @dataclass
@@ -357,14 +442,20 @@ class ServeReplicasConfig:
     """One deployment of the Serve app: its replicas (a fixed count, or autoscaled between min and max on
     requests in flight per replica) and the resources of each replica."""
 
-    replicas: int = 1  # when autoscale is off
+    replicas: int = field(default=1, metadata=ge(1))  # when autoscale is off
     autoscale: bool = False
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 4.0  # autoscaling's aim: requests in flight per replica
-    num_gpus: float = 0.0  # per replica; fractional shares one GPU between deployments
-    num_cpus: float = 1.0
-    max_ongoing_requests: int = 16  # more in flight wait in the caller's queue (backpressure)
+    min_replicas: int = field(default=1, metadata=ge(1))
+    max_replicas: int = field(default=1, metadata=ge(1))
+    target_ongoing_requests: float = field(
+        default=4.0, metadata=gt(0)
+    )  # autoscaling's aim: requests in flight per replica
+    num_gpus: float = field(
+        default=0.0, metadata=ge(0)
+    )  # per replica; fractional shares one GPU between deployments
+    num_cpus: float = field(default=1.0, metadata=ge(0))
+    max_ongoing_requests: int = field(
+        default=16, metadata=ge(1)
+    )  # more in flight wait in the caller's queue (backpressure)
 
 
 @dataclass
@@ -372,8 +463,12 @@ class ServeDeploymentConfig(ServeReplicasConfig):
     """A model deployment of the Serve app: its replicas, and how the requests that arrive together are
     batched into one model call."""
 
-    max_batch_size: int = 8  # requests that arrive together and share one model call
-    batch_wait_timeout_s: float = 0.01  # how long the first request of a batch waits for others
+    max_batch_size: int = field(
+        default=8, metadata=ge(1)
+    )  # requests that arrive together and share one model call
+    batch_wait_timeout_s: float = field(
+        default=0.01, metadata=ge(0)
+    )  # how long the first request of a batch waits for others
 
 
 @dataclass
@@ -382,25 +477,35 @@ class ServeConfig:
     and the mask deployment (SAM2 propagation), with the guard rails on what a request may ask for."""
 
     host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
-    port: int = 8000
+    port: int = field(default=8000, metadata=within(1, 65535))
     route_prefix: str = "/"
     app_name: str = "veason"
     # the name of the environment variable that holds the API key; unset or empty there = no key asked for
     api_key_env: str = "VEASON_API_KEY"
     model_version: str = ""  # in every response; empty = a digest of the checkpoint's config and weight files
-    request_timeout_s: float = 600.0  # deadline of one request's model calls
+    request_timeout_s: float = field(default=600.0, metadata=gt(0))  # deadline of one request's model calls
     # limits on what a request may bring
-    max_upload_mb: float = 200.0  # an uploaded or fetched video, or all of a request's frames
-    max_frames: int = 300  # frames of a video (every frame and its mask are held in memory)
-    max_duration_s: float = 120.0  # seconds of a video file
-    max_side: int = 1920  # pixels of a frame's longer side
-    max_query_chars: int = 1000
-    max_policy_frames: int = 16  # the most frames a request may ask the policy to see (num_frames)
-    default_fps: float = 6.0  # frame rate of frames sent as images (the overlay video's)
+    max_upload_mb: float = field(
+        default=200.0, metadata=gt(0)
+    )  # an uploaded or fetched video, or all of a request's frames
+    max_frames: int = field(
+        default=300, metadata=ge(1)
+    )  # frames of a video (every frame and its mask are held in memory)
+    max_duration_s: float = field(default=120.0, metadata=gt(0))  # seconds of a video file
+    max_side: int = field(default=1920, metadata=ge(1))  # pixels of a frame's longer side
+    max_query_chars: int = field(default=1000, metadata=ge(1))
+    max_policy_frames: int = field(
+        default=16, metadata=ge(1)
+    )  # the most frames a request may ask the policy to see (num_frames)
+    default_fps: float = field(
+        default=6.0, metadata=gt(0)
+    )  # frame rate of frames sent as images (the overlay video's)
     # fetching video URLs (http, https, s3)
-    url_timeout_s: float = 30.0  # the whole download
+    url_timeout_s: float = field(default=30.0, metadata=gt(0))  # the whole download
     allow_private_urls: bool = False  # fetch from loopback, private and link-local addresses too
-    overlay_workers: int = 2  # threads of the ingress encoding overlay videos and masks
+    overlay_workers: int = field(
+        default=2, metadata=ge(1)
+    )  # threads of the ingress encoding overlay videos and masks
     ingress: ServeReplicasConfig = field(
         default_factory=lambda: ServeReplicasConfig(num_cpus=2.0, max_ongoing_requests=64)
     )
@@ -416,7 +521,9 @@ class ServeConfig:
 class SampleConfig:
     """`veason sample`: a stratified subset of `data.train_split` for CoT data (method.md section 6)."""
 
-    target_size: int = 10000  # expressions to keep (all of them when the split has fewer)
+    target_size: int = field(
+        default=10000, metadata=ge(1)
+    )  # expressions to keep (all of them when the split has fewer)
     seed: int = 0
     output: str = ""  # the selected meta-expressions file; empty = <run.output_dir>/sample/<input file name>
 
@@ -432,23 +539,31 @@ class CoTConfig:
     meta: str = ""  # a `veason sample` output to read; empty = every expression of `split`
     split: str = ""  # the split the expressions come from; empty = data.train_split
     output_dir: str = ""  # local folder of cot.jsonl, failures.jsonl, images/; empty = <run.output_dir>/cot
-    max_samples: int = 0  # 0 = all (the first N in file order otherwise)
+    max_samples: int = field(default=0, metadata=ge(0))  # 0 = all (the first N in file order otherwise)
     retry_failed: bool = True  # a rerun retries samples whose last attempt failed (untried ones always run)
-    num_frames: int = 7  # frames per sample, keyframe included (release: up to 7)
-    max_image_width: int = 640  # teacher images are shrunk to fit within this box (pixels, aspect kept)
-    max_image_height: int = 480
-    box_thickness: int = 2  # red box line width in teacher-image pixels
+    num_frames: int = field(
+        default=7, metadata=ge(1)
+    )  # frames per sample, keyframe included (release: up to 7)
+    max_image_width: int = field(
+        default=640, metadata=ge(1)
+    )  # teacher images are shrunk to fit within this box (pixels, aspect kept)
+    max_image_height: int = field(default=480, metadata=ge(1))
+    box_thickness: int = field(default=2, metadata=ge(1))  # red box line width in teacher-image pixels
     base_url: str = ""  # e.g. http://host:8000/v1
     model: str = ""
     api_key: str = ""
-    concurrency: int = 32  # requests in flight
-    timeout_s: float = 120.0  # per request
-    max_retries: int = 5  # retries after the first attempt (429, 5xx, timeouts, connection errors)
-    backoff_base_s: float = 1.0  # first retry waits up to this long; doubles per retry (full jitter)
-    backoff_max_s: float = 60.0  # cap of one wait, Retry-After included
-    temperature: float = 0.7
-    max_tokens: int = 1024
-    progress_every_s: float = 10.0  # seconds between progress lines; 0 = none
+    concurrency: int = field(default=32, metadata=ge(1))  # requests in flight
+    timeout_s: float = field(default=120.0, metadata=gt(0))  # per request
+    max_retries: int = field(
+        default=5, metadata=ge(0)
+    )  # retries after the first attempt (429, 5xx, timeouts, connection errors)
+    backoff_base_s: float = field(
+        default=1.0, metadata=ge(0)
+    )  # first retry waits up to this long; doubles per retry (full jitter)
+    backoff_max_s: float = field(default=60.0, metadata=ge(0))  # cap of one wait, Retry-After included
+    temperature: float = field(default=0.7, metadata=ge(0))
+    max_tokens: int = field(default=1024, metadata=ge(1))
+    progress_every_s: float = field(default=10.0, metadata=ge(0))  # seconds between progress lines; 0 = none
 
     def __repr__(self) -> str:  # the API key never reaches logs or error messages
         return (
@@ -466,17 +581,29 @@ class SFTConfig:
         ""  # a cot.jsonl (images beside it); empty = <cot.output_dir or run.output_dir/cot>/cot.jsonl
     )
     output_dir: str = ""  # metrics, curve, summary and the exported hf/ folder; empty = <run.output_dir>/sft
-    epochs: int = 3
-    lr: float = 1e-5  # peak AdamW lr (LLaMA-Factory's full-SFT default; LoRA runs usually take 1e-4)
-    warmup_steps: int = 0  # linear warm-up in optimizer steps, then a cosine decay towards 0 at the last step
-    grad_clip: float = 1.0  # global gradient-norm clip
-    batch_size: int = 16  # examples per optimizer step over all ranks
-    max_examples: int = 0  # 0 = all records (the first N in file order otherwise)
-    held_out_fraction: float = 0.1  # records kept out of training for the parse-rate evaluation (seeded)
-    eval_every: int = 0  # optimizer steps between parse-rate checks during training; 0 = before/after only
-    eval_examples: int = 0  # held-out examples generated for each evaluation; 0 = all
-    eval_max_new_tokens: int = 1024
-    eval_batch_size: int = 8  # prompts per generate call
+    epochs: int = field(default=3, metadata=ge(1))
+    lr: float = field(
+        default=1e-5, metadata=gt(0)
+    )  # peak AdamW lr (LLaMA-Factory's full-SFT default; LoRA runs usually take 1e-4)
+    warmup_steps: int = field(
+        default=0, metadata=ge(0)
+    )  # linear warm-up in optimizer steps, then a cosine decay towards 0 at the last step
+    grad_clip: float = field(default=1.0, metadata=ge(0))  # global gradient-norm clip
+    batch_size: int = field(default=16, metadata=ge(1))  # examples per optimizer step over all ranks
+    max_examples: int = field(
+        default=0, metadata=ge(0)
+    )  # 0 = all records (the first N in file order otherwise)
+    held_out_fraction: float = field(
+        default=0.1, metadata=within(0, 1, high_open=True)
+    )  # records kept out of training for the parse-rate evaluation (seeded)
+    eval_every: int = field(
+        default=0, metadata=ge(0)
+    )  # optimizer steps between parse-rate checks during training; 0 = before/after only
+    eval_examples: int = field(
+        default=0, metadata=ge(0)
+    )  # held-out examples generated for each evaluation; 0 = all
+    eval_max_new_tokens: int = field(default=1024, metadata=ge(1))
+    eval_batch_size: int = field(default=8, metadata=ge(1))  # prompts per generate call
 
 
 @dataclass

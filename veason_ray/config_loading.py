@@ -40,7 +40,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    return build_dataclass(VeasonConfig, raw, prefix="")
+    cfg = build_dataclass(VeasonConfig, raw, prefix="")
+    check_relations(cfg)
+    return cfg
+
+
+def check_relations(cfg: VeasonConfig) -> None:
+    """Values that are each in range but cannot go together (ranges are checked field by field on loading)."""
+    synth = cfg.data.synth
+    if synth.min_objects > synth.max_objects:
+        raise ConfigError(
+            f"data.synth.min_objects={synth.min_objects} > data.synth.max_objects={synth.max_objects}: "
+            "lower the first or raise the second"
+        )
+    for name in ("ingress", "policy", "masks"):
+        replicas = getattr(cfg.serve, name)
+        if replicas.autoscale and replicas.min_replicas > replicas.max_replicas:
+            raise ConfigError(
+                f"serve.{name}.min_replicas={replicas.min_replicas} > serve.{name}.max_replicas="
+                f"{replicas.max_replicas}: autoscaling needs min <= max"
+            )
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -135,6 +154,10 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             f"unknown config key {_join(prefix, str(key))!r}{hint} (valid keys under {where}: {', '.join(fields)})"
         )
     values = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
+    for name, value in values.items():
+        bounds = fields[name].metadata.get("bounds")
+        if bounds is not None and not bounds.admits(value):
+            raise ConfigError(f"{_join(prefix, name)}={value!r}: must be {bounds}")
     return cls(**values)
 
 

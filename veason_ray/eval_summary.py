@@ -79,8 +79,19 @@ def summarise_results(
     }
 
 
+MISSING = "-"  # a metric with nothing to average (a subset with no member), in every table
+
+
 def _pct(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+    return MISSING if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _percent(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{_pct(value)}%"
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def metric_columns(benchmark: str) -> list[tuple[str, str]]:
@@ -110,19 +121,19 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         f"{summary['expressions']} expressions scored, {summary['failed']} failed "
         f"(answers: {summary['answers']}; {summary['seconds']:.0f} s, "
-        f"{summary['expressions_per_s']:.2f} expressions/s).",
+        f"{_num(summary['expressions_per_s'], 2)} expressions/s).",
         "",
         "| subset | n | " + " | ".join(label for label, _ in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
     for name, count, values in subset_rows(summary):
         lines.append(f"| {name} | {count} | " + " | ".join(values) + " |")
-    rewards = ", ".join(f"{part} {value:.3f}" for part, value in summary["rewards"].items())
-    lines += ["", f"Reward means: {rewards}. Parsable answers: {_pct(summary['parse_rate'])}%."]
+    rewards = ", ".join(f"{part} {_num(value)}" for part, value in summary["rewards"].items())
+    lines += ["", f"Reward means: {rewards}. Parsable answers: {_percent(summary['parse_rate'])}."]
     if summary["oracle"]:
         oracle = summary["oracle"]
         lines.append(
-            f"Ground-truth answers through the same path: reward total {oracle['total']:.3f}, "
+            f"Ground-truth answers through the same path: reward total {_num(oracle['total'])}, "
             f"J&F {_pct(oracle['jf'])}."
         )
     if summary["failures"]:
@@ -138,11 +149,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [header]
     for name, count, values in subset_rows(summary):
         lines.append(f"{name:<20} {count:>5} " + " ".join(f"{v:>11}" for v in values))
-    parts = "  ".join(f"{part} {value:.3f}" for part, value in summary["rewards"].items())
-    lines.append(f"policy reward: {parts}   parsable answers: {_pct(summary['parse_rate'])}%")
+    parts = "  ".join(f"{part} {_num(value)}" for part, value in summary["rewards"].items())
+    lines.append(f"policy reward: {parts}   parsable answers: {_percent(summary['parse_rate'])}")
     if summary["oracle"]:
         oracle = summary["oracle"]
-        parts = "  ".join(f"{part} {oracle[part]:.3f}" for part in REWARD_PARTS)
+        parts = "  ".join(f"{part} {_num(oracle[part])}" for part in REWARD_PARTS)
         lines.append(f"oracle reward: {parts}   J&F {_pct(oracle['jf'])}  (ground-truth answers)")
     if summary["failed"]:
         lines.append(f"failed: {summary['failed']} ({summary['failures']})")

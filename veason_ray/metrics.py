@@ -180,15 +180,21 @@ def subset_mean(scores: Sequence[ExpressionScore]) -> SubsetScore:
 
 def revos_summary(scores: Sequence[ExpressionScore]) -> dict[str, SubsetScore]:
     """ReVOS table: "referring" (type 0), "reasoning" (type 1) and "overall", the macro mean of the two (type 2
-    is excluded from J&F). An empty subset gives NaN, and so does overall."""
+    is excluded from J&F). An empty subset gives NaN; overall is then the mean of the subset that has members
+    (NaN only when neither has)."""
     referring = subset_mean([s for s in scores if s.type_id == 0])
     reasoning = subset_mean([s for s in scores if s.type_id == 1])
+    present = [s for s in (referring, reasoning) if s.count] or [referring]
+
+    def macro(key: str) -> float:
+        return float(np.mean([getattr(s, key) for s in present]))
+
     overall = SubsetScore(
-        j=(referring.j + reasoning.j) / 2,
-        f=(referring.f + reasoning.f) / 2,
-        jf=(referring.jf + reasoning.jf) / 2,
-        r_release=(referring.r_release + reasoning.r_release) / 2,
-        r_corrected=(referring.r_corrected + reasoning.r_corrected) / 2,
+        j=macro("j"),
+        f=macro("f"),
+        jf=macro("jf"),
+        r_release=macro("r_release"),
+        r_corrected=macro("r_corrected"),
         count=referring.count + reasoning.count,
     )
     return {"referring": referring, "reasoning": reasoning, "overall": overall}

@@ -9,7 +9,8 @@ Layouts: ``jpeg`` is the readers' ``JPEGImages/<video>/<frame>.jpg`` (one URI pe
 dataset video, frame i = the i-th decoded frame, as many frames as the expression file lists).
 
 Bad data raises a :class:`BadDataError` subclass whose ``reason`` names the kind (``corrupt_frame``,
-``missing_frame``, ``corrupt_video``, ``truncated_video``, ``frame_size``); pipelines count those and go on.
+``missing_frame``, ``corrupt_video``, ``truncated_video``, ``frame_size``, ``timeout`` past a sample's deadline);
+pipelines count those and go on.
 Other errors (a storage outage, a bug) propagate. Messages name the URI, never credentials.
 """
 
@@ -18,9 +19,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 import cv2
 import numpy as np
@@ -73,6 +75,38 @@ class TruncatedVideoError(BadDataError):
     """A video that ends (or stops decoding) before a needed frame."""
 
     reason = "truncated_video"
+
+
+T = TypeVar("T")
+
+
+class SampleTimeoutError(BadDataError):
+    """Reading one sample took longer than its deadline (`data.sample_timeout_s`)."""
+
+    reason = "timeout"
+
+
+def within_deadline(read: Callable[[], T], timeout_s: float, what: str) -> T:
+    """`read()` on a daemon thread, waited for at most `timeout_s`: SampleTimeoutError past it. A read that never
+    returns (a stuck storage call, a decoder in a loop) then costs its sample, not the run; its thread is left
+    to finish or die with the process."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = read()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller below
+            box["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"read {what}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise SampleTimeoutError(f"{what}: not read in {timeout_s:g} s (data.sample_timeout_s)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def decode_jpeg(data: bytes, uri: str = "jpeg") -> np.ndarray:

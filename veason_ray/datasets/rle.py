@@ -43,14 +43,51 @@ def _checked_size(rle: object, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def compressed_runs(counts: bytes, where: str = "rle") -> list[int]:
+    """The run lengths of a compressed COCO RLE string, read exactly as pycocotools' `rleFrString` reads them
+    (6-bit groups from character 48, 5 value bits and a continuation bit each, sign-extended; from the third run
+    on, each value is a difference to the run two before), but checked: a character outside the alphabet, a
+    string that ends inside a number, or a negative run is an RLEFormatError. pycocotools does not check, and on
+    such strings it returns wrong masks or, in `merge`, never returns."""
+    runs: list[int] = []
+    value, shift = 0, 0
+    for position, byte in enumerate(counts):
+        code = byte - 48
+        if not 0 <= code < 64:
+            raise RLEFormatError(f"{where}.counts: character {chr(byte)!r} at {position} is not RLE")
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise RLEFormatError(f"{where}.counts: run {len(runs)} is negative ({value})")
+        runs.append(value)
+        value, shift = 0, 0
+    if shift:
+        raise RLEFormatError(f"{where}.counts: truncated (the string ends inside a run length)")
+    return runs
+
+
 def _compressed(rle: dict, where: str) -> dict:
-    """pycocotools' compressed form of an RLE whose counts are a str, bytes or a list of run lengths."""
+    """pycocotools' compressed form of an RLE whose counts are a str, bytes or a list of run lengths, checked to
+    describe exactly height x width pixels."""
     height, width = _checked_size(rle, where)
     counts = rle["counts"]
-    if isinstance(counts, str):
-        return {"size": [height, width], "counts": counts.encode("ascii")}
-    if isinstance(counts, bytes):
-        return {"size": [height, width], "counts": counts}
+    if isinstance(counts, (str, bytes)):
+        try:
+            raw = counts.encode("ascii") if isinstance(counts, str) else counts
+        except UnicodeEncodeError:
+            raise RLEFormatError(f"{where}.counts: not an ASCII RLE string") from None
+        total = sum(compressed_runs(raw, where))
+        if total != height * width:
+            raise RLEFormatError(
+                f"{where}.counts: run lengths sum to {total}, expected height*width = {height * width}"
+            )
+        return {"size": [height, width], "counts": raw}
     if isinstance(counts, list):
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise RLEFormatError(f"{where}.counts: expected a list of non-negative int run lengths")
@@ -75,21 +112,21 @@ def decode_rle(rle: dict, where: str = "rle") -> np.ndarray:
 
 def rle_area(rle: dict, where: str = "rle") -> int:
     """Number of foreground pixels, without decoding to a full array when counts are compressed."""
-    height, width = _checked_size(rle, where)
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        raw = counts.encode("ascii") if isinstance(counts, str) else counts
-        return int(mask_utils.area({"size": [height, width], "counts": raw}))
-    return int(decode_rle(rle, where).sum())
+    compressed = _compressed(rle, where)  # validated: pycocotools reads it exactly
+    return int(mask_utils.area(compressed))
 
 
 def union_rle_area(rles: list[dict], where: str = "rle") -> int:
     """Foreground pixels of the union of same-size RLEs, without decoding them (pycocotools merge)."""
-    areas = [rle_area(r, where) for r in rles]  # validates each RLE
-    if len(rles) <= 1:
-        return areas[0] if areas else 0
+    compressed = [_compressed(r, f"{where}[{i}]") for i, r in enumerate(rles)]  # validated first
+    if len(compressed) <= 1:
+        return int(mask_utils.area(compressed[0])) if compressed else 0
+    if len({tuple(c["size"]) for c in compressed}) > 1:
+        raise RLEFormatError(
+            f"{where}: RLEs of different sizes {[c['size'] for c in compressed]} in one union"
+        )
     try:
-        merged = mask_utils.merge([_compressed(r, where) for r in rles], intersect=False)
+        merged = mask_utils.merge(compressed, intersect=False)
     except Exception as e:  # pycocotools raises bare Exception on mismatched sizes or corrupt strings
         raise RLEFormatError(f"{where}: cannot merge the RLEs ({e})") from None
     return int(mask_utils.area(merged))

@@ -54,10 +54,11 @@ def build_mask_propagator(
             predictor,
             encode_batch_size=reward_cfg.encode_batch_size,
             max_objects_per_batch=reward_cfg.max_objects_per_batch,
+            preprocess_threads=sam2.preprocess_threads,
         )
     from veason_ray.models.sam2_propagator import SAM2MaskPropagator
 
-    return SAM2MaskPropagator(predictor)
+    return SAM2MaskPropagator(predictor, preprocess_threads=sam2.preprocess_threads)
 
 
 def mask_propagator_for(cfg: VeasonConfig, *, batched: bool, device: str | None = None) -> MaskPropagator:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +103,7 @@ class SAM2GroupPropagator(MaskPropagator):
         self.encode_batch_size = encode_batch_size
         self.max_objects_per_batch = max_objects_per_batch
         self.preprocess_threads = max(1, preprocess_threads)
-        self.plain = SAM2MaskPropagator(predictor)
+        self.plain = SAM2MaskPropagator(predictor, self.preprocess_threads)
         self.last_stats = PropagationStats(0, 0, 0, 0, 0)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -128,8 +127,8 @@ class SAM2GroupPropagator(MaskPropagator):
     def _encode(self, videos: Mapping[Hashable, np.ndarray]) -> dict[Hashable, FrameFeatures]:
         predictor = self.predictor
         keys = list(videos)
-        with ThreadPoolExecutor(self.preprocess_threads) as pool:
-            inputs = list(pool.map(lambda k: sam2_input_frames(videos[k], predictor.image_size), keys))
+        # the frames of each video in turn, `preprocess_threads` at once (one video alone keeps every thread busy)
+        inputs = [sam2_input_frames(videos[k], predictor.image_size, self.preprocess_threads) for k in keys]
         features = {}
         with self._autocast():
             for key, images in zip(keys, inputs, strict=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,20 +36,38 @@ SAM2_IMG_MEAN = (0.485, 0.456, 0.406)
 SAM2_IMG_STD = (0.229, 0.224, 0.225)
 
 
-def sam2_input_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+def sam2_input_frames(frames: np.ndarray, image_size: int, threads: int = 1) -> torch.Tensor:
     """(T, 3, S, S) float32 SAM2 input from (T, H, W, 3) uint8 RGB frames, S = image_size: PIL's default
     resize to S x S, scaled to [0, 1] in float64, then float32 mean/std normalisation, the same operations in the
-    same order as `sam2.utils.misc.load_video_frames_from_jpg_images`, so results are bit-identical."""
-    images = torch.zeros(len(frames), 3, image_size, image_size, dtype=torch.float32)
-    for index, frame in enumerate(frames):
-        resized = np.array(Image.fromarray(frame).resize((image_size, image_size)))
-        images[index] = torch.from_numpy(resized / 255.0).permute(2, 0, 1)
-    images -= torch.tensor(SAM2_IMG_MEAN, dtype=torch.float32)[:, None, None]
-    images /= torch.tensor(SAM2_IMG_STD, dtype=torch.float32)[:, None, None]
+    same order as `sam2.utils.misc.load_video_frames_from_jpg_images`, so results are bit-identical. `threads`
+    frames are prepared at once (PIL and numpy release the GIL; each frame is written into its own slice)."""
+    images = torch.empty(len(frames), 3, image_size, image_size, dtype=torch.float32)
+    mean = torch.tensor(SAM2_IMG_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(SAM2_IMG_STD, dtype=torch.float32)[:, None, None]
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's mode
+
+    def prepare(index: int) -> None:
+        resized = np.array(Image.fromarray(frames[index]).resize((image_size, image_size)))
+        with torch.inference_mode(inference):
+            image = images[index]
+            image.copy_(
+                torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)) / 255.0)
+            )  # CHW first
+            image -= mean
+            image /= std
+
+    if threads > 1 and len(frames) > 1:
+        with ThreadPoolExecutor(min(threads, len(frames))) as pool:
+            list(pool.map(prepare, range(len(frames))))
+    else:
+        for index in range(len(frames)):
+            prepare(index)
     return images
 
 
-def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) -> dict[str, Any]:
+def init_state_from_frames(
+    predictor: SAM2VideoPredictor, frames: np.ndarray, threads: int = 1
+) -> dict[str, Any]:
     """The inference state `SAM2VideoPredictor.init_state` builds for a video, from in-memory frames.
 
     Mirrors sam2 1.1.0's `init_state` (frames on the model's device, state not offloaded) except that it does not
@@ -56,7 +75,7 @@ def init_state_from_frames(predictor: SAM2VideoPredictor, frames: np.ndarray) ->
     device = predictor.device
     _, height, width, _ = frames.shape
     return {
-        "images": sam2_input_frames(frames, predictor.image_size).to(device),
+        "images": sam2_input_frames(frames, predictor.image_size, threads).to(device),
         "num_frames": len(frames),
         "offload_video_to_cpu": False,
         "offload_state_to_cpu": False,
@@ -111,8 +130,9 @@ class SAM2MaskPropagator(MaskPropagator):
     """Propagates keyframe boxes through a clip with a (frozen) SAM2 video predictor; see the module docstring.
     Not thread-safe: one propagation at a time per predictor."""
 
-    def __init__(self, predictor: SAM2VideoPredictor):
+    def __init__(self, predictor: SAM2VideoPredictor, preprocess_threads: int = 1):
         self.predictor = predictor
+        self.preprocess_threads = max(1, preprocess_threads)  # frames resized at once (sam2_input_frames)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         # SAM2 runs in bf16 on GPUs (as in its own demos); CPU autocast would only slow it down and change masks.
@@ -128,7 +148,7 @@ class SAM2MaskPropagator(MaskPropagator):
         if len(boxes) == 0:
             return masks
         with self._autocast():
-            state = init_state_from_frames(self.predictor, frames)
+            state = init_state_from_frames(self.predictor, frames, self.preprocess_threads)
             track_boxes(self.predictor, state, keyframe_position, boxes, masks)
         return masks
 
@@ -142,6 +162,6 @@ class SAM2MaskPropagator(MaskPropagator):
                 yield position, np.zeros((height, width), dtype=bool)
             return
         with torch.inference_mode(), self._autocast():
-            state = init_state_from_frames(self.predictor, frames)
+            state = init_state_from_frames(self.predictor, frames, self.preprocess_threads)
             for position, mask in tracked_frames(self.predictor, state, keyframe_position, boxes):
                 yield position, mask.cpu().numpy()
