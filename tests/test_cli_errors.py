@@ -38,6 +38,7 @@ def test_an_actor_error_is_one_line_with_its_method_and_message(local_ray):
     assert describe_ray_error(ValueError("not from Ray")) is None
 
 
+@pytest.mark.slow  # ~60 s: two programs each starting Ray (make test-slow)
 def test_the_command_prints_the_line_and_verbose_the_chain(tmp_path):
     script = tmp_path / "fails.py"
     script.write_text(

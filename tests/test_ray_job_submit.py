@@ -82,10 +82,30 @@ def ray_head() -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "the head's dashboard did not answer in 120 s"
             time.sleep(1.0)
+        wait_for_job_agent(address, deadline + 120)
         yield address
     finally:
         stop_process_group(head)  # `--block` stops the head's processes when it is terminated
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_job_agent(address: str, deadline: float) -> None:
+    """The dashboard answers before the node's job agent has registered ("No available agent to submit job"):
+    submit a no-op job until one is accepted and has run."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as error:
+            assert time.monotonic() < deadline, f"the head's job agent never took a job: {error}"
+            time.sleep(1.0)
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline, f"the no-op job is still {status}"
+        time.sleep(0.5)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)
 
 
 def _env(address: str, bucket: str, storage: StorageConfig) -> dict[str, str]:
