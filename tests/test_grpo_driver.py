@@ -97,7 +97,7 @@ def test_disaggregated_run_killed_after_a_checkpoint_resumes_and_finishes(
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["trainer.max_staleness=2"], "trainer.max_staleness=2: use 0 .* or 1"),
+        (["trainer.max_staleness=2"], r"trainer.max_staleness=2: must be in \[0, 1\]"),
         (["trainer.max_staleness=1", "learner.old_logprobs=engine"], "needs placement.mode=disaggregated"),
         (
             ["trainer.max_staleness=1", "placement.mode=disaggregated"],

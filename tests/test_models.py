@@ -239,6 +239,23 @@ def _sam2_reference(predictor, jpeg_dir: Path, keyframe: int, boxes: np.ndarray,
     return masks
 
 
+def test_sam2_without_its_extension_skips_hole_filling_quietly(sam2_predictor):
+    import warnings
+
+    from veason_ray.models.loading import sam2_extension_available
+    from veason_ray.models.sam2_group import SAM2GroupPropagator
+    from veason_ray.models.sam2_propagator import SAM2MaskPropagator
+
+    assert sam2_extension_available() or sam2_predictor.fill_hole_area == 0
+    clip = _moving_disc_clip()
+    box = np.array([[8, 20, 44, 52]], dtype=np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SAM2MaskPropagator(sam2_predictor).propagate(clip, 2, box)
+        SAM2GroupPropagator(sam2_predictor).propagate(clip, 2, box)
+    assert not [w for w in caught if "_C" in str(w.message) or "post-processing" in str(w.message)]
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_sam2_propagator_equals_sam2_on_a_jpeg_folder(sam2_predictor, tmp_path, threads):
     from sam2.utils.misc import load_video_frames_from_jpg_images

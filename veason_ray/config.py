@@ -367,7 +367,7 @@ class TrainerConfig:
     sample_images_every: int = field(default=25, metadata=ge(0))
     # 0 = on-policy; 1 = generate step k+1 while step k trains (needs placement.mode=disaggregated and
     # learner.old_logprobs=engine; then every step's rollouts but those of a run's first step are one weight
-    # version old)
+    # version old). No deeper: the weight push waits for the batch in flight and the learner needs it next
     max_staleness: int = field(default=0, metadata=within(0, 1))
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

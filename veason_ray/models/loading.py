@@ -260,15 +260,30 @@ def load_sam2_video_predictor(
         try:
             if config_file.is_file():
                 with _hydra_searching_only(config_file.resolve().parent):
-                    return build_sam2_video_predictor(
+                    predictor = build_sam2_video_predictor(
                         config_file.stem, str(checkpoint), device=str(device), hydra_overrides_extra=overrides
                     )
-            return build_sam2_video_predictor(
-                config, str(checkpoint), device=str(device), hydra_overrides_extra=overrides
-            )
+            else:
+                predictor = build_sam2_video_predictor(
+                    config, str(checkpoint), device=str(device), hydra_overrides_extra=overrides
+                )
         except (RuntimeError, KeyError) as e:
             # sam2 logs the missing / unexpected keys and raises a bare RuntimeError.
             raise RuntimeError(
                 f"SAM2 checkpoint {checkpoint} (spec {checkpoint_spec!r}) does not fit config {config!r}: "
                 f"{e!r}; missing or unexpected keys are in the log above"
             ) from e
+    if predictor.fill_hole_area > 0 and not sam2_extension_available():
+        # sam2 fills small mask holes with its compiled extension; without it (a CPU build, or SAM2_BUILD_CUDA=0)
+        # it warns on every frame and returns the mask unchanged: skipping the call gives the same masks, quietly
+        predictor.fill_hole_area = 0
+    return predictor
+
+
+def sam2_extension_available() -> bool:
+    """Whether sam2's compiled extension (`sam2._C`, connected components for hole filling) imports."""
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
