@@ -110,6 +110,7 @@ def test_a_corrupt_video_is_recorded_and_the_run_completes(local_ray, tmp_path, 
     assert "Not evaluated" in (tmp_path / "eval" / "summary.md").read_text()
 
 
+@pytest.mark.slow  # ~25 s: the whole job once more; within_deadline itself is tested in test_video_decoding.py
 def test_reads_past_their_deadline_are_recorded_as_timeouts_and_the_run_completes(
     local_ray, tmp_path, synthetic_revos
 ):
