@@ -36,7 +36,7 @@ def _s3_problem(key: str, uri: str, storage: StorageConfig, must_hold: str = "")
     target = join_uri(uri, must_hold) if must_hold else uri
     try:
         store = store_for(target, quick_storage(storage))
-        found = store.exists(target) if must_hold else bool(store.list_files(uri))
+        found = store.exists(target)  # a file, or a prefix holding files (one request, not a listing)
     except Exception as error:  # noqa: BLE001 - every storage failure becomes the key's message
         return f"{key}={uri}: object storage did not answer ({error}); check storage.endpoint_url and credentials"
     if not found:
