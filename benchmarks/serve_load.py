@@ -10,9 +10,16 @@ requests back to back; the requests/s, the client latency, the server's own stag
   started in this process on a local Ray cluster with the policy and SAM2 sharing one GPU, measured, then shut
   down. Random weights never write a parsable answer, so decoding is constrained to the answer format
   (`inference.constrain_answer`): every answer has a keyframe and boxes, and SAM2 really runs.
+  `--send upload,url` measures each level twice: the video uploaded through Serve's proxy, then fetched by the
+  server from a loopback HTTP server started here (`serve.allow_private_urls=true`), which takes the upload's
+  body out of the overhead.
+
+On a machine with `nvidia-smi`, the GPU's busy fraction (NVML's utilisation: the share of time a kernel ran)
+is sampled every 0.5 s during each level: at 1 client it bounds what concurrency can add (about 1 / busy).
 
 req/s counts the 2xx responses over the level's wall time (the last response included); latencies are of the
 2xx responses. Goal (the issue): on one GPU, >= 6x the req/s of 1 client at 16 clients, overhead p50 <= 5 ms.
+Serve's own cost without payload is measured apart: the round trip of the liveness route (no model, no body).
 
     python benchmarks/serve_load.py --start --out $OUT/serve_load.json      # one GPU (device tool)
     python benchmarks/serve_load.py --start --tiny --clients 1,2 --duration 15   # CPU check: tiny models
@@ -32,7 +39,9 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -77,6 +86,7 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)
     keyframe: int | None = None
     video: dict | None = None
+    response_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -106,7 +116,73 @@ def send(
     if not 200 <= response.status_code < 300:
         return Outcome(latency, response.status_code, response.text[:300])
     body = response.json()
-    return Outcome(latency, response.status_code, "", body["seconds"], body["keyframe"], body["video"])
+    return Outcome(
+        latency,
+        response.status_code,
+        "",
+        body["seconds"],
+        body["keyframe"],
+        body["video"],
+        len(response.content),
+    )
+
+
+class GPUBusySampler:
+    """The GPU's utilisation (percent of time a kernel ran, NVML via `nvidia-smi`) sampled every `every_s`
+    while the block runs; `mean` is None where there is no `nvidia-smi`."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> GPUBusySampler:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _sample(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(self.every_s):
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.split()
+                self.samples.append(float(out[0]))  # the first GPU: the one the app shares
+            except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+                return
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+@contextlib.contextmanager
+def served_files(paths: list[str]) -> Iterator[list[str]]:
+    """The files over HTTP from a server on 127.0.0.1 (a thread of this process); yields their URLs."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = Path(paths[0]).resolve().parent
+    if any(Path(p).resolve().parent != folder for p in paths):
+        raise SystemExit("--send url serves the --video files of one folder")
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield [f"http://127.0.0.1:{server.server_address[1]}/{Path(p).name}" for p in paths]
+    finally:
+        server.shutdown()
+        thread.join(10)
 
 
 def run_level(
@@ -153,7 +229,9 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarize(clients: int, outcomes: list[Outcome], wall_s: float) -> dict:
+def summarize(
+    clients: int, outcomes: list[Outcome], wall_s: float, send: str = "", gpu_busy: float | None = None
+) -> dict:
     ok = [o for o in outcomes if o.ok]
     latency = [o.latency_s for o in ok]
     errors = Counter(str(o.status) if o.status else o.error.split(":")[0] for o in outcomes if not o.ok)
@@ -166,6 +244,8 @@ def summarize(clients: int, outcomes: list[Outcome], wall_s: float) -> dict:
     overhead = [o.latency_s - o.seconds["total"] for o in ok if "total" in o.seconds]
     return {
         "clients": clients,
+        "send": send,
+        "gpu_busy_pct": gpu_busy,
         "requests": len(outcomes),
         "ok": len(ok),
         "errors": dict(errors),
@@ -175,6 +255,7 @@ def summarize(clients: int, outcomes: list[Outcome], wall_s: float) -> dict:
         "latency_s": {f"p{q}": _percentile(latency, q) for q in (50, 95, 99)},
         "server_stage_s": stages,
         "model_s": _mean(model),
+        "response_mib": _mean([o.response_bytes / 2**20 for o in ok]),
         "overhead_ms": {f"p{q}": None if not overhead else 1000 * _percentile(overhead, q) for q in (50, 95)},
         "outcomes": [asdict(o) for o in outcomes],
     }
@@ -185,7 +266,8 @@ def _f(value: float | None, spec: str) -> str:
 
 
 def speedup(levels: list[dict]) -> tuple[dict, dict, float | None]:
-    """The lowest and highest level and the ratio of their req/s."""
+    """The lowest and highest level (of the first way of sending) and the ratio of their req/s."""
+    levels = [r for r in levels if r["send"] == levels[0]["send"]]
     low, high = min(levels, key=lambda r: r["clients"]), max(levels, key=lambda r: r["clients"])
     ratio = high["requests_per_s"] / low["requests_per_s"] if low["requests_per_s"] else None
     return low, high, ratio
@@ -196,33 +278,46 @@ def table(levels: list[dict], device: str, setup: list[str]) -> str:
         f"\nServe load on {device}",
         *setup,
         "",
-        "| clients | requests | errors | req/s | p50 s | p95 s | p99 s | model s (policy+propagate) "
-        "| server total s | Serve overhead p50 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| video sent as | clients | requests | errors | req/s | p50 s | p95 s | p99 s "
+        "| model s (policy+propagate) | server total s | Serve overhead p50 ms | response MiB | GPU busy % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in levels:
         errors = ", ".join(f"{n}x {kind}" for kind, n in r["errors"].items()) or "0"
         lat = r["latency_s"]
         lines.append(
-            f"| {r['clients']} | {r['requests']} | {errors} | {r['requests_per_s']:.3f} | {_f(lat['p50'], '.3f')} "
-            f"| {_f(lat['p95'], '.3f')} | {_f(lat['p99'], '.3f')} | {_f(r['model_s'], '.3f')} "
-            f"| {_f(r['server_stage_s']['total'], '.3f')} | {_f(r['overhead_ms']['p50'], '.1f')} |"
+            f"| {r['send']} | {r['clients']} | {r['requests']} | {errors} | {r['requests_per_s']:.3f} "
+            f"| {_f(lat['p50'], '.3f')} | {_f(lat['p95'], '.3f')} | {_f(lat['p99'], '.3f')} "
+            f"| {_f(r['model_s'], '.3f')} | {_f(r['server_stage_s']['total'], '.3f')} "
+            f"| {_f(r['overhead_ms']['p50'], '.1f')} | {_f(r['response_mib'], '.2f')} | {_f(r['gpu_busy_pct'], '.0f')} |"
         )
-    lines += ["", "mean server seconds by stage", "", "| clients | " + " | ".join(STAGES) + " |"]
-    lines.append("|---:|" + "---:|" * len(STAGES))
+    lines += [
+        "",
+        "mean server seconds by stage",
+        "",
+        "| video sent as | clients | " + " | ".join(STAGES) + " |",
+    ]
+    lines.append("|---|---:|" + "---:|" * len(STAGES))
     for r in levels:
         lines.append(
-            f"| {r['clients']} | " + " | ".join(_f(r["server_stage_s"][s], ".3f") for s in STAGES) + " |"
+            f"| {r['send']} | {r['clients']} | "
+            + " | ".join(_f(r["server_stage_s"][s], ".3f") for s in STAGES)
+            + " |"
         )
     low, high, ratio = speedup(levels)
     worst = max((r["overhead_ms"]["p50"] or 0.0 for r in levels), default=0.0)
     lines += [
         "",
-        f"req/s at {high['clients']} clients / at {low['clients']}: {_f(ratio, '.2f')}x (goal >= {GOAL_RATIO:.0f}x "
+        f"req/s at {high['clients']} clients / at {low['clients']} ({low['send']}): {_f(ratio, '.2f')}x (goal >= {GOAL_RATIO:.0f}x "
         f"at 16 clients on one GPU); Serve overhead p50 at most {worst:.1f} ms (goal <= {GOAL_OVERHEAD_MS:.0f} ms)",
         "answers with a keyframe (SAM2 ran): "
         + ", ".join(f"{r['with_keyframe']}/{r['ok']} at {r['clients']}" for r in levels),
     ]
+    if low["gpu_busy_pct"]:
+        lines.append(
+            f"GPU busy {low['gpu_busy_pct']:.0f}% at {low['clients']} client(s): concurrency can add at most about "
+            f"{100 / low['gpu_busy_pct']:.1f}x before batching gains"
+        )
     return "\n".join(lines)
 
 
@@ -343,7 +438,21 @@ def load_videos(args: argparse.Namespace) -> list[Video]:
     return videos + [Video(url.rsplit("/", 1)[-1], url=url) for url in args.video_url]
 
 
-def measure(base: str, headers: dict, videos: list[Video], args: argparse.Namespace) -> list[dict]:
+def empty_round_trip_ms(base: str, headers: dict, count: int = 50) -> float:
+    """Serve's own cost of a request: p50 of `count` GETs of the liveness route (proxy, routing, the ingress
+    replica, no model, no payload), one after another."""
+    times = []
+    with requests.Session() as session:
+        for _ in range(count):
+            start = time.perf_counter()
+            session.get(f"{base}/v1/health/live", headers=headers, timeout=30).raise_for_status()
+            times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def measure(
+    base: str, headers: dict, videos: list[Video], args: argparse.Namespace, send: str = ""
+) -> list[dict]:
     clients = sorted({int(c) for c in args.clients.split(",")})
     if args.warmup:
         say(f"warm-up: {args.warmup} requests")
@@ -351,13 +460,15 @@ def measure(base: str, headers: dict, videos: list[Video], args: argparse.Namesp
     levels = []
     for count in clients:
         what = f"{args.requests} requests" if args.requests else f"{args.duration:.0f} s"
-        say(f"level: {count} clients, {what}")
-        outcomes, wall = run_level(base, headers, videos, args, count, args.requests)
-        level = summarize(count, outcomes, wall)
+        say(f"level: {count} clients, {what}{f', video as {send}' if send else ''}")
+        with GPUBusySampler() as gpu:
+            outcomes, wall = run_level(base, headers, videos, args, count, args.requests)
+        level = summarize(count, outcomes, wall, send, gpu.mean)
         levels.append(level)
         say(
             f"level {count}: {level['ok']}/{level['requests']} ok, {level['requests_per_s']:.3f} req/s, "
             f"p50 {_f(level['latency_s']['p50'], '.3f')} s, overhead p50 {_f(level['overhead_ms']['p50'], '.1f')} ms"
+            + (f", GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else "")
         )
     return levels
 
@@ -404,6 +515,11 @@ def parse_args() -> argparse.Namespace:
         "--num-frames", type=int, default=None, help="frames the policy sees (server default)"
     )
     parser.add_argument("--masks", choices=("rle", "none"), default="rle")
+    parser.add_argument(
+        "--send",
+        default="upload",
+        help="--start: how the video travels, comma separated, each measured in turn: upload, url",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the app to be ready")
     parser.add_argument("--frames", type=int, default=100, help="--start: frames of the synthetic video")
@@ -417,6 +533,13 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not args.start and not (args.video or args.video_url):
         parser.error("--url needs at least one --video or --video-url")
+    args.send = [way.strip() for way in args.send.split(",") if way.strip()]
+    if not args.send or set(args.send) - {"upload", "url"}:
+        parser.error("--send takes upload, url or both (comma separated)")
+    if not args.start and args.send != ["upload"]:
+        parser.error("--send is for --start; with --url, pass --video (uploads) and --video-url (fetched)")
+    if "url" in args.send:
+        args.overrides.append("serve.allow_private_urls=true")  # the loopback server of --send url
     if args.start:
         args.num_frames = args.num_frames or (4 if args.tiny else 8)
         if args.tiny:
@@ -442,7 +565,16 @@ def main() -> int:
         info = requests.get(f"{base}/v1/info", headers=headers, timeout=30).json()
         model = f"{info['model']['name']} ({info['model']['version']})"
         say(f"server ready: {model}; limits {info['limits']}")
-        levels = measure(base, headers, videos, args)
+        round_trip_ms = empty_round_trip_ms(base, headers)
+        say(f"Serve round trip of an empty route (GET /v1/health/live): p50 {round_trip_ms:.1f} ms")
+        levels = [] if args.start else measure(base, headers, videos, args, "as given")
+        for way in args.send if args.start else []:
+            if way == "upload":
+                levels += measure(base, headers, videos, args, way)
+                continue
+            with served_files(args.video) as urls:
+                fetched = [Video(Path(url).name, url=url) for url in urls]
+                levels += measure(base, headers, fetched, args, way)
     if args.start:
         import torch
 
@@ -450,6 +582,9 @@ def main() -> int:
     else:
         device = f"the deployment at {args.url}"
     setup = describe_setup(args, videos, levels, model)
+    setup.append(
+        f"Serve round trip of an empty route (GET /v1/health/live, 50 in a row): p50 {round_trip_ms:.1f} ms"
+    )
     text = table(levels, device, setup)
     print(text, flush=True)
     if args.out:
@@ -465,6 +600,7 @@ def main() -> int:
                 "requests_per_s": ratio,
             },
             "goals": {"ratio": GOAL_RATIO, "overhead_ms": GOAL_OVERHEAD_MS},
+            "empty_round_trip_ms": round_trip_ms,
             "levels": levels,
             "table": text,
         }
