@@ -54,6 +54,7 @@ from actors.engine_health import (
 )
 from actors.weight_sync import engine_weight_checksum, reload_weights_from_file, with_tied_head
 from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig
+from veason_ray.cpu_torch_workarounds import torch_threads_settable
 from veason_ray.inference import AnswerGenerator, PolicyInput
 from veason_ray.prompts import answer_regex
 from veason_ray.records import PromptGroup, Rollout
@@ -284,9 +285,10 @@ class RolloutEngine:
         from vllm import LLM
 
         start = time.perf_counter()
-        self.llm = LLM(
-            **engine_args(self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint)
-        )
+        with torch_threads_settable():  # vLLM's CPU worker: no set_num_threads warning at each request
+            self.llm = LLM(
+                **engine_args(self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint)
+            )
         self.start_seconds = time.perf_counter() - start
         self.load_checkpoint = load_checkpoint
         self.version = 0

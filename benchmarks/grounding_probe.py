@@ -332,7 +332,8 @@ def train_variant(variant: Variant, args: argparse.Namespace, out: Path) -> dict
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     if args.save:
-        from benchmarks.sft_format import cap_image_pixels, save_small_qwen
+        from benchmarks.sft_format import save_small_qwen
+        from veason_ray.models.tiny_qwen import cap_image_pixels
 
         cap_image_pixels(processor, variant.px * variant.px)
         saved = save_small_qwen(model, processor, Path(args.save) / variant.name)

@@ -102,17 +102,6 @@ def small_qwen_sizes(
     return text_sizes, vision_sizes
 
 
-def cap_image_pixels(processor: Any, image_pixels: int) -> None:
-    """Cap the image processor's pixels per image (112 * 112: 16 visual tokens per frame instead of 400, for CPU
-    checks; 224 * 224: 64). The training, generation and rollout paths all read the processor from the folder."""
-    images = processor.image_processor
-    images.size = {
-        "shortest_edge": min(images.size["shortest_edge"], image_pixels),
-        "longest_edge": image_pixels,
-    }
-    images.max_pixels = image_pixels
-
-
 def save_small_qwen(model: Any, processor: Any, out_dir: Path) -> Path:
     """Write `model` in bf16 with its processor as a policy folder: generation stops at <|im_end|> or
     <|endoftext|> and pads with the tokenizer's pad token."""
@@ -135,7 +124,7 @@ def write_small_qwen(
     processor's pixels per image (`cap_image_pixels`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from veason_ray.models.tiny_qwen import build_tiny_processor, qwen2_5_vl_config
+    from veason_ray.models.tiny_qwen import build_tiny_processor, cap_image_pixels, qwen2_5_vl_config
 
     processor = build_tiny_processor()
     if image_pixels > 0:

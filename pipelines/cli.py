@@ -9,7 +9,8 @@ veason infer CONFIG input=V query="..."  segment one video (an .mp4, a JPEG fold
 veason eval CONFIG [key=value ...]       evaluate a policy on a benchmark split (J, F, J&F, R)
 veason compare RUN_A RUN_B               compare two evaluation runs
 veason serve CONFIG [key=value ...]      the model behind an HTTP endpoint (Ray Serve) and a page to try it
---verbose (anywhere)                     errors from Ray actors with their whole chain, not one line
+--verbose (anywhere)                     the libraries' output on the console (not only in the run's log file)
+                                         and whole errors (Ray's chains, tracebacks), not one line
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import argparse
 import importlib
 import re
 import sys
+import traceback
+
+from pipelines.console import close_console, current_console, say
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -73,16 +77,34 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(sub_parser)
             sub_parser.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
+    args.verbose = verbose  # config_from_args sets run.verbose from it
     try:
         return int(args._run(args) or 0)
     except Exception as error:
-        if verbose or "ray" not in sys.modules:
-            raise
-        line = describe_ray_error(error)
+        line = failure_line(args.command, error, verbose)
         if line is None:
             raise
-        print(f"veason {args.command}: {line} (--verbose shows Ray's whole error)", file=sys.stderr)
+        say(line, err=True)
         return 1
+    finally:
+        close_console()
+
+
+def failure_line(command: str, error: Exception, verbose: bool) -> str | None:
+    """The console's one line for the error that ended `command`, or None where the whole error is shown (with
+    --verbose, and for an error outside Ray when no log file takes it). With a log file, the whole error is
+    written there and the line names the file."""
+    console = current_console()
+    logged = console is not None and console.log is not None
+    if verbose or (console is not None and console.verbose):
+        return None
+    line = describe_ray_error(error) if "ray" in sys.modules else None
+    if not logged:
+        return line and f"veason {command}: {line} (--verbose shows Ray's whole error)"
+    traceback.print_exception(type(error), error, error.__traceback__, file=console.log)
+    text = str(error).strip().splitlines()
+    line = line or f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    return f"veason {command}: {line} (the whole error: {console.log_path}; --verbose shows it here)"
 
 
 if __name__ == "__main__":

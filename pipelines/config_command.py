@@ -30,6 +30,8 @@ def config_from_args(args: argparse.Namespace, program: str) -> VeasonConfig:
         cfg = load_config(config, overrides)
     except ConfigError as exc:
         raise SystemExit(f"veason {program}: {exc}") from None
+    if getattr(args, "verbose", False):  # `veason --verbose`
+        cfg.run.verbose = True
     from pipelines.job_paths import check_job_paths
 
     check_job_paths(cfg, program)

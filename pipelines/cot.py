@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import open_console, say
 from pipelines.sample import meta_document_keys, select_records
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import config_to_dict
@@ -146,10 +147,9 @@ async def generate(
             finished = summary.done + summary.failed
             rate = finished / max(time.perf_counter() - started, 1e-9)
             eta = (len(records) - finished) / rate if rate > 0 else float("inf")
-            print(
+            say(
                 f"cot: {finished}/{len(records)} ({summary.done} records, {summary.failed} failed), "
                 f"{rate:.2f} samples/s, eta {eta:.0f} s",
-                flush=True,
             )
 
     reporter = asyncio.create_task(progress()) if progress_every_s > 0 else None
@@ -189,6 +189,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "cot")
+    open_console(cfg, "cot")
+    write_cot_records(cfg)
+    return 0
+
+
+def write_cot_records(cfg: VeasonConfig) -> CoTSummary:
+    """Everything `veason cot` does once its config is loaded; prints its lines, returns the counts."""
     output_dir = cfg.cot.output_dir or join_uri(cfg.run.output_dir, "cot")
     endpoint = resolve_endpoint(cfg)
     dataset, records = load_records(cfg)
@@ -214,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [r for r, k in zip(usable, keys, strict=True) if k in pending]
     skipped = sum(k in output.done for k in keys)
     summary = CoTSummary(len(records), len(records) - len(usable), skipped, len(keys) - skipped - len(todo))
-    print(f"cot: {len(todo)} samples to do, teacher {cfg.cot.teacher}, output {output_dir}", flush=True)
+    say(f"cot: {len(todo)} samples to do, teacher {cfg.cot.teacher}, output {output_dir}")
 
     async def main() -> CoTSummary:
         async with open_teacher(cfg, endpoint) as teacher:
@@ -226,10 +233,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(main())
     finally:
         output.close()
-    print(summary.line())
-    print(f"  records   {output.records_path} ({len(output.done)} in all)")
-    print(
-        f"  failures  {output.failures_path} ({len(output.last_failure)} samples whose last attempt failed)"
-    )
-    print(f"  dataset   {output.root / 'dataset_info.json'} (LLaMA-Factory: dataset veason_cot)")
-    return 0
+    say(summary.line())
+    say(f"  records   {output.records_path} ({len(output.done)} in all)")
+    say(f"  failures  {output.failures_path} ({len(output.last_failure)} samples whose last attempt failed)")
+    say(f"  dataset   {output.root / 'dataset_info.json'} (LLaMA-Factory: dataset veason_cot)")
+    return summary

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from veason_ray.config import VeasonConfig
 from veason_ray.datasets import DatasetFormatError, ExpressionRecord, open_dataset
+from veason_ray.eval_overlays import draw_overlay, overlay_name
 from veason_ray.evaluation import (
     ExpressionResult,
     expression_result,
@@ -470,27 +471,11 @@ class ExpressionScorer(_DatasetStage):
                     path = draw_overlay(
                         Path(scratch) / "overlay.mp4", frames, masks, gt, result, self.cfg.infer.fps
                     )
-                    store_for(uri, self.cfg.storage).write_bytes(uri, path.read_bytes())
+                    still = join_uri(self.output_uri, "overlays", overlay_name(result.key, ".png"))
+                    for target, source in ((uri, path), (still, path.with_suffix(".png"))):
+                        store_for(target, self.cfg.storage).write_bytes(target, source.read_bytes())
             else:
                 draw_overlay(Path(uri), frames, masks, gt, result, self.cfg.infer.fps)
             result.extra["overlay"] = uri
         result.extra["seconds"]["score"] = round(time.perf_counter() - started, 4)
         return result
-
-
-def overlay_name(key: str) -> str:
-    """The file name of an expression's overlay video."""
-    return key.replace("/", "__") + ".mp4"
-
-
-def draw_overlay(
-    path: Path, frames: np.ndarray, masks: np.ndarray, gt: np.ndarray, result: ExpressionResult, fps: float
-) -> Path:
-    """An expression's overlay video: predicted masks, GT outline, the keyframe's boxes, the query and J&F."""
-    from veason_ray.visualize import write_overlay_video
-
-    caption = f"{result.expression}  (J&F {100 * result.jf:.1f})"
-    boxes = np.asarray(result.boxes, np.float32).reshape(-1, 4)
-    return write_overlay_video(
-        path, frames, masks, keyframe=result.keyframe, boxes=boxes, caption=caption, gt_masks=gt, fps=fps
-    )

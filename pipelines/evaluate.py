@@ -9,7 +9,8 @@ the expressions already in results.jsonl (a crashed or preempted run resumes; wi
 ones are tried again). A failing expression (corrupt video, engine error) is a result with its `error`, counted
 apart and kept out of the means. Outputs in `eval.output_dir`: results.jsonl, summary.json and summary.md
 (exactly the benchmark's subsets), masks/<video>/<exp_id>/<frame>.png (the public evaluation tools' layout),
-overlays/ (videos of `eval.overlays` and of the `eval.worst_overlays` lowest-J&F expressions).
+overlays/ (videos of `eval.overlays` and of `eval.worst_overlays` low-J&F expressions, the lowest of each
+video first, each with a still: same name, .png).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import _thread
 import argparse
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -32,18 +32,18 @@ from tqdm import tqdm
 
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import console_stream, open_console, say
 from pipelines.eval_stages import (
     ExpressionScorer,
     FrameReader,
     MaskPredictor,
     PolicyAnswerer,
     PolicyViewReader,
-    draw_overlay,
-    overlay_name,
     video_items,
 )
 from veason_ray.config import VeasonConfig
 from veason_ray.datasets import open_dataset, select_expressions
+from veason_ray.eval_overlays import draw_overlay, overlay_name, pick_worst
 from veason_ray.eval_summary import format_summary, summarise_results, summary_markdown
 from veason_ray.evaluation import ExpressionResult
 from veason_ray.inference import check_answer_budget
@@ -201,10 +201,9 @@ def run_evaluation(
     todo = [r for r in records if r.key not in done]
     started, timing = time.perf_counter(), {"first_result_s": None, "first_results": 0}
     if todo:
-        print(
+        say(
             f"evaluating {len(todo)} expressions of {cfg.data.dataset} {split} ({len(records) - len(todo)} "
             f"already in {outputs.uri_of(RESULTS)})",
-            flush=True,
         )
         timing = _run_pipeline(cfg, split, todo, outputs, results_path)
     seconds = time.perf_counter() - started
@@ -242,7 +241,10 @@ def _run_pipeline(
     failed, started, first = 0, time.perf_counter(), {"first_result_s": None, "first_results": 0}
     pushed = time.monotonic()
     try:
-        with open(results_path, "a") as out, tqdm(total=len(todo), desc=f"eval {split}", unit="expr") as bar:
+        with (
+            open(results_path, "a") as out,
+            tqdm(total=len(todo), desc=f"eval {split}", unit="expr", file=console_stream()) as bar,
+        ):
             for batch in pipeline.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for line in batch.column("result").to_pylist():
                     out.write(line + "\n")
@@ -272,16 +274,15 @@ def _run_pipeline(
 def draw_worst(
     cfg: VeasonConfig, dataset, results: list[ExpressionResult], outputs: OutputMirror
 ) -> list[str]:
-    """Overlay videos of the `eval.worst_overlays` lowest-J&F scored expressions with a target (from the mask
-    PNGs the scorers wrote to the destination), into the local folder; the drawn keys."""
+    """Overlay videos and their stills (`draw_overlay`) of `eval.worst_overlays` low-J&F expressions with a
+    target, one video each before any video gets two (`pick_worst`), from the mask PNGs the scorers wrote to
+    the destination, into the local folder; the drawn keys."""
     from veason_ray.mask_io import read_mask_png
 
     if cfg.eval.worst_overlays <= 0 or not cfg.eval.write_masks:
         return []
-    scored = [r for r in results if r.error is None and r.type_id != 2 and not math.isnan(r.jf)]
-    worst = sorted(scored, key=lambda r: (r.jf, r.key))[: cfg.eval.worst_overlays]
     drawn = []
-    for result in worst:
+    for result in pick_worst(results, cfg.eval.worst_overlays):
         info = dataset.video(result.video)
         folder = outputs.uri_of(f"masks/{result.video}/{result.exp_id}")
         store = store_for(folder, cfg.storage)
@@ -310,15 +311,16 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import init_ray
 
     cfg = config_from_args(args, "eval")
+    open_console(cfg, "eval")
     preflight.check("eval", preflight.evaluation_problems(cfg))
     init_ray(cfg.placement)
     report = run_evaluation(cfg)
     where = report.outputs.uri_of
-    print(f"\n{format_report(report)}\n")
-    print(f"results   {where(RESULTS)}")
-    print(f"summary   {where('summary.md')} ({where('summary.json')})")
+    say(f"\n{format_report(report)}\n")
+    say(f"results   {where(RESULTS)}")
+    say(f"summary   {where('summary.md')} ({where('summary.json')})")
     if cfg.eval.write_masks:
-        print(f"masks     {where('masks')}/<video>/<exp_id>/<frame>.png")
+        say(f"masks     {where('masks')}/<video>/<exp_id>/<frame>.png")
     if report.summary["worst_overlays"] or cfg.eval.overlays:
-        print(f"overlays  {where('overlays')}/")
+        say(f"overlays  {where('overlays')}/")
     return 0

@@ -45,6 +45,7 @@ import ray
 
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import console_stream, open_console, say
 from pipelines.placement import build_placement
 from pipelines.ray_runtime import init_ray
 from pipelines.run_log import METRICS_FILE, WANDB_ID_FILE, RunLog, save_samples, summary_line
@@ -332,7 +333,10 @@ class GRPODriver:
 
         cfg, total = self.cfg, self.cfg.trainer.steps
         run_log = RunLog(cfg, self.out, resumed_at=self.state.step)
-        bar = tqdm(total=total, initial=self.state.step, desc="grpo", unit="step", dynamic_ncols=True)
+        stream = console_stream()  # the bar and the step lines written above it
+        bar = tqdm(
+            total=total, initial=self.state.step, desc="grpo", unit="step", dynamic_ncols=True, file=stream
+        )
         last: dict[str, float] = {}
         batches = self.batches()
         ready: ScoredBatch | None = None  # the next step's rollouts, when they were generated ahead
@@ -350,7 +354,7 @@ class GRPODriver:
                 run_log.log(step, last)
                 bar.update(1)
                 if step % max(cfg.trainer.log_every, 1) == 0:
-                    bar.write(summary_line(step, total, last))
+                    bar.write(summary_line(step, total, last), file=stream)
                 every = cfg.trainer.sample_images_every
                 if every and (step % every == 0 or step == 1):
                     save_samples(step, current.batch.groups, current.scored, self.out, ray.get)
@@ -407,14 +411,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = config_from_args(args, "grpo")
+    open_console(cfg, "grpo")
     preflight.check("grpo", preflight.training_problems(cfg))
     result = train(cfg)
-    print(
+    say(
         f"GRPO finished at step {result['steps']}"
         + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
     )
-    print(f"  policy       {result['policy']}")
-    print(f"  checkpoint   {result['checkpoint'] or '(latest already saved)'}")
-    print(f"  curves       {result['curves']}")
-    print(f"  metrics      {result['metrics']}")
+    say(f"  policy       {result['policy']}")
+    say(f"  checkpoint   {result['checkpoint'] or '(latest already saved)'}")
+    say(f"  curves       {result['curves']}")
+    say(f"  metrics      {result['metrics']}")
     return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import open_console, say
 from veason_ray.config import VeasonConfig
 from veason_ray.inference import VideoSegmentation
 
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     expand_shorthands(args)
     cfg = config_from_args(args, "infer")
+    open_console(cfg, "infer")
     if not cfg.infer.input:
         raise SystemExit("veason infer: no video: pass input=PATH (an .mp4, a folder of JPEGs, or s3://...)")
     if not cfg.infer.query.strip():
@@ -116,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"veason infer: infer.input: {error}") from None
     read_s = time.perf_counter() - started
     frames = video.frames
-    print(
-        f"video: {cfg.infer.input}: {len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}", flush=True
-    )
+    say(f"video: {cfg.infer.input}: {len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -136,16 +136,16 @@ def run(args: argparse.Namespace) -> int:
 
     covered = int(result.masks.reshape(len(frames), -1).any(axis=1).sum())
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
-    print(f"query: {result.query}")
+    say(f"query: {result.query}")
     if result.reasoning:
-        print(f"reasoning: {result.reasoning.strip()[:300]}")
+        say(f"reasoning: {result.reasoning.strip()[:300]}")
     if result.empty_reason:
-        print(f"no masks: {result.empty_reason}")
+        say(f"no masks: {result.empty_reason}")
     else:
-        print(
+        say(
             f"keyframe {result.keyframe}, {len(result.boxes)} box(es); masks on {covered}/{len(frames)} frames"
         )
-    print(f"stages: {stages}")
+    say(f"stages: {stages}")
     for name, path in paths.items():
-        print(f"  {name:<8} {path}")
+        say(f"  {name:<8} {path}")
     return 0

@@ -3,7 +3,8 @@ default, online when the user sets `trainer.wandb.mode=online` and a key), rewar
 and sampled responses drawn on their frames every `trainer.sample_images_every` steps.
 
 Files under `<run.output_dir>/`: metrics.jsonl (one object per step, appended, so a resumed run continues
-it), curves.png, samples/step_<N>_group_<G>.png, wandb/ (the offline run, `wandb sync` uploads it).
+it), curves.png, samples/step_<N>_group_<G>_{best,worst,all_tied}.png (and .txt), wandb/ (the offline run,
+`wandb sync` uploads it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 from veason_ray.answer_parsing import ParsedAnswer, parse_answer
 from veason_ray.config import VeasonConfig
 from veason_ray.records import PromptGroup, Scored
-from veason_ray.visualize import BOX_COLOUR, GT_COLOUR, save_png
+from veason_ray.visualize import (
+    BOX_COLOUR,
+    GT_COLOUR,
+    Caption,
+    ground_truth_keyframe,
+    sampled_frames_strip,
+    save_png,
+)
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"  # one JSON line per step, in the run's folder
@@ -144,50 +152,57 @@ def write_curves(history: Sequence[dict[str, float]], path: Path) -> Path | None
     return path
 
 
-def draw_response(frames: np.ndarray, group: PromptGroup, scored: Scored) -> np.ndarray:
-    """The sampled frames side by side: GT boxes in magenta on every frame, the response's boxes in yellow on
-    the keyframe it chose, and its reward in the corner."""
-    import cv2
-
+def draw_response(frames: np.ndarray, group: PromptGroup, scored: Scored, rank: str = "") -> np.ndarray:
+    """The sampled frames side by side (`sampled_frames_strip`): GT boxes in magenta on every frame, the
+    response's boxes in yellow on the keyframe it chose, and below them the question, the legend and the
+    reward parts, after ``rank`` (e.g. "best of 8")."""
     sample = group.sample
     parsed = parse_answer(scored.rollout.text)
-    tiles = []
-    for position, (frame, index) in enumerate(zip(frames, sample.frame_indices, strict=True)):
-        tile = np.ascontiguousarray(frame.copy())
-        for x1, y1, x2, y2 in sample.gt_boxes_560[position]:
-            if x2 > x1 and y2 > y1:
-                cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), GT_COLOUR, 2)
-        if isinstance(parsed, ParsedAnswer) and parsed.keyframe == index:
-            for x1, y1, x2, y2 in parsed.boxes:
-                cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), BOX_COLOUR, 3)
-        cv2.putText(
-            tile, f"({index}s)", (6, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA
-        )
-        tiles.append(tile)
-    image = np.concatenate(tiles, axis=1)
+    answered = isinstance(parsed, ParsedAnswer)
+    if answered:
+        answer = f"answer: keyframe {parsed.keyframe}s, {len(parsed.boxes)} box(es)"
+    else:
+        answer = f"answer: none (does not parse: {parsed.reason.value})"
+    gt_keyframe = ground_truth_keyframe(sample.gt_masks_560, sample.frame_indices)
+    truth = "no target" if gt_keyframe is None else f"boxes on every frame, keyframe {gt_keyframe}s"
     r = scored.reward
-    caption = f"R={r.total:.2f} fmt={r.format:.1f} key={r.keyframe:.2f} iou={r.spatial:.2f} cons={r.consistency:.2f}"
-    cv2.putText(
-        image, caption, (6, image.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 0), 2, cv2.LINE_AA
+    scores = (
+        f"reward {r.total:.2f} (format {r.format:.2f}, keyframe {r.keyframe:.2f}, "
+        f"spatial {r.spatial:.2f}, consistency {r.consistency:.2f})"
     )
-    return image
+    caption = Caption(
+        sample.record.expression,
+        ((BOX_COLOUR, answer), (GT_COLOUR, f"ground truth: {truth}")),
+        f"{rank}: {scores}" if rank else scores,
+    )
+    return sampled_frames_strip(
+        frames,
+        sample.frame_indices,
+        parsed.keyframe if answered else None,
+        parsed.boxes if answered else None,
+        gt_boxes_560=sample.gt_boxes_560,
+        band=caption,
+    )
 
 
 def save_samples(
     step: int, groups: Sequence[PromptGroup], scored: dict[int, list[Scored]], out: Path, get: Any
 ) -> int:
-    """The best and the worst response of up to two groups, drawn to `out/samples/`; returns images saved."""
+    """The best and the worst response of up to two groups, drawn to `out/samples/` with their text beside
+    them (step_<N>_group_<G>_best.png / _worst.png, .txt); a group whose responses all have the same reward
+    gets one picture, step_<N>_group_<G>_all_tied.png. Returns the pictures saved."""
     saved = 0
     for group in list(groups)[:2]:
         rows = sorted(scored[group.group_id], key=lambda s: s.reward.total)
         frames = group.sample.resolve_frames(get)
-        for tag, row in (("best", rows[-1]), ("worst", rows[0])):
-            save_png(
-                draw_response(frames, group, row),
-                out / "samples" / f"step_{step:06d}_group_{group.group_id}_{tag}.png",
-            )
-            (out / "samples" / f"step_{step:06d}_group_{group.group_id}_{tag}.txt").write_text(
-                row.rollout.text
-            )
+        count = len(rows)
+        if rows[0].reward.total == rows[-1].reward.total:
+            chosen = [("all_tied", f"all {count} responses tied", rows[0])]
+        else:
+            chosen = [("best", f"best of {count}", rows[-1]), ("worst", f"worst of {count}", rows[0])]
+        for tag, rank, row in chosen:
+            name = out / "samples" / f"step_{step:06d}_group_{group.group_id}_{tag}"
+            save_png(draw_response(frames, group, row, rank), name.with_suffix(".png"))
+            name.with_suffix(".txt").write_text(row.rollout.text)
             saved += 1
     return saved

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import open_console, say
 from veason_ray.config import VeasonConfig
 from veason_ray.datasets import DatasetFormatError, ExpressionRecord, VOSDataset, open_dataset
 from veason_ray.datasets.base import read_json
@@ -98,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "sample")
+    open_console(cfg, "sample")
     dataset = open_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.storage)
     records = list(dataset.expressions())
     selection = stratified_sample(records, cfg.sample.target_size, cfg.sample.seed)
@@ -106,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     out_doc = filter_meta_document(doc, [(r.video, r.exp_id) for r in selection.selected])
     output = default_output(cfg, meta_uri)
     store_for(output, cfg.storage).write_bytes(output, json.dumps(out_doc).encode("utf-8"))
-    print(
+    say(
         f"sample: {len(selection.selected)} of {len(records)} expressions of {cfg.data.dataset} "
         f"{cfg.data.train_split} (target {cfg.sample.target_size}, seed {cfg.sample.seed})"
     )
-    print(selection.table())
-    print(f"wrote {output}")
+    say(selection.table())
+    say(f"wrote {output}")
     return 0

@@ -22,6 +22,7 @@ import yaml
 
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import open_console, say
 from veason_ray.config import VeasonConfig
 
 
@@ -61,6 +62,7 @@ def serve_config_document(cfg: VeasonConfig, config_path: str | None, overrides:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "serve")
+    open_console(cfg, "serve")
     if not args.write_serve_config:  # the models are checked before Serve starts its replicas
         policy = preflight.model_problems("model.policy", cfg.model.policy, cfg.storage)
         preflight.check("serve", [*policy, *preflight.sam2_problems(cfg)])
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(
             header + yaml.safe_dump(serve_config_document(cfg, config_path, overrides), sort_keys=False)
         )
-        print(f"wrote {path}: serve run {path}  (or serve deploy {path} on a cluster)")
+        say(f"wrote {path}: serve run {path}  (or serve deploy {path} on a cluster)")
         return 0
 
     from ray import serve
@@ -83,20 +85,14 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray(cfg.placement)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    print(
-        f"veason serve: starting {cfg.serve.app_name} (model {cfg.model.policy}); loading the models ...",
-        flush=True,
-    )
+    say(f"veason serve: starting {cfg.serve.app_name} (model {cfg.model.policy}); loading the models ...")
     serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     prefix = cfg.serve.route_prefix.rstrip("/")
-    print(
-        f"veason serve: ready at http://{cfg.serve.host}:{cfg.serve.port}{prefix}/ (API docs: {prefix}/docs)",
-        flush=True,
-    )
+    say(f"veason serve: ready at http://{cfg.serve.host}:{cfg.serve.port}{prefix}/ (API docs: {prefix}/docs)")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    print("veason serve: shutting down", flush=True)
+    say("veason serve: shutting down")
     serve.shutdown()
     return 0

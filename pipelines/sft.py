@@ -28,6 +28,7 @@ from typing import Any
 
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
+from pipelines.console import open_console, say
 from pipelines.ray_runtime import init_ray
 from pipelines.run_log import METRICS_FILE
 from veason_ray.config import VeasonConfig
@@ -216,7 +217,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "sft")
+    open_console(cfg, "sft")
     preflight.check("sft", preflight.policy_problems(cfg))
+    fine_tune(cfg)
+    return 0
+
+
+def fine_tune(cfg: VeasonConfig) -> dict[str, Any]:
+    """Everything `veason sft` does after its checks: prints its lines, returns the summary it writes
+    (`sft_summary.json`: records, before/after scores, losses, `export`)."""
     started = time.perf_counter()
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,11 +233,10 @@ def run(args: argparse.Namespace) -> int:
     save_config(cfg, out / "config.yaml")
     train_records, held_out, root = load_records(cfg)
     steps = cfg.sft.epochs * math.ceil(len(train_records) / max(cfg.sft.batch_size, 1))
-    print(
+    say(
         f"sft: {len(train_records)} training records, {len(held_out)} held out, about {steps} steps, "
         f"{cfg.learner.workers} ranks, {'LoRA' if cfg.learner.lora.enabled else 'full'} fine-tuning, "
         f"output {out}",
-        flush=True,
     )
     init_ray(cfg.placement)
     from veason_ray.models.loading import resolve_model_dir
@@ -236,9 +244,7 @@ def run(args: argparse.Namespace) -> int:
     # Ray Train runs each rank in its own working directory: every path it gets is absolute.
     model_dir = str(resolve_model_dir(cfg.model.policy, cfg.storage, cfg.model.cache_dir or None).resolve())
     before = evaluate(model_dir, held_out, root, cfg)
-    print(
-        f"sft: before: parse rate {before.parse_rate:.1%} on {before.examples} held-out prompts", flush=True
-    )
+    say(f"sft: before: parse rate {before.parse_rate:.1%} on {before.examples} held-out prompts")
     summary: dict[str, Any] = {
         "records": records_path(cfg),
         "train_examples": len(train_records),
@@ -266,11 +272,11 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_table(before, after))
-    print(
+    say(format_table(before, after))
+    say(
         f"sft: {len(rows)} steps, loss {summary['first_loss']} -> {summary['final_loss']}, "
         f"held-out loss {summary['final_held_out_loss']}"
     )
-    print(f"  export    {export} (GRPO: model.policy={export})")
-    print(f"  summary   {out / SUMMARY_FILE}\n  {note}")
-    return 0
+    say(f"  export    {export} (GRPO: model.policy={export})")
+    say(f"  summary   {out / SUMMARY_FILE}\n  {note}")
+    return summary

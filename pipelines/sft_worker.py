@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipelines.console import say
 from pipelines.sft import METRICS_FILE
 from veason_ray.config import VeasonConfig
 from veason_ray.cot.records import load_sft_example
@@ -238,10 +239,7 @@ def train_loop(params: dict[str, Any]) -> None:
     built = time.perf_counter()
     worker = SFTRank(params, rank, world_size, on_gpu)
     if rank == 0:
-        print(
-            f"sft: {world_size} rank(s) ready, engine built in {time.perf_counter() - built:.0f} s",
-            flush=True,
-        )
+        say(f"sft: {world_size} rank(s) ready, engine built in {time.perf_counter() - built:.0f} s")
     sft = cfg.sft
     schedule = worker.schedule
     metrics_path = worker.out_dir / METRICS_FILE
@@ -250,7 +248,7 @@ def train_loop(params: dict[str, Any]) -> None:
     # ZeRO-3 partitions the weights: generation would gather them collectively with ranks out of step.
     evaluate_every = sft.eval_every if worker.learner.zero_stage < 3 else 0
     if rank == 0 and sft.eval_every and not evaluate_every:
-        print("sft: sft.eval_every is ignored under ZeRO-3 (the parse rate is measured before and after)")
+        say("sft: sft.eval_every is ignored under ZeRO-3 (the parse rate is measured before and after)")
     pending = worker.encode(rank_share(schedule[0], rank, world_size)) if schedule else []
     started = time.perf_counter()
     for step in range(1, len(schedule) + 1):
@@ -272,11 +270,10 @@ def train_loop(params: dict[str, Any]) -> None:
         if rank == 0:
             extra = f", held-out loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
             extra += f", parse {row['eval_parse_rate']:.0%}" if "eval_parse_rate" in row else ""
-            print(
+            say(
                 f"sft step {step}/{len(schedule)} epoch {row['epoch']}: loss {row['loss']:.4f}, "
                 f"grad_norm {row['grad_norm']:.3f}, lr {row['lr']:.2e}, {int(row['tokens'])} tokens, "
-                f"{row['seconds']:.2f} s ({time.perf_counter() - started:.0f} s in){extra}",
-                flush=True,
+                f"{row['seconds']:.2f} s ({time.perf_counter() - started:.0f} s in){extra}"
             )
         # Only at epoch ends and the last step (the rows with a held-out loss): Ray Train V2's report is a
         # ~1.5 s barrier, longer than a small model's step.

@@ -1,8 +1,8 @@
-"""Shared fixtures: small synthetic datasets and a real S3-compatible server on 127.0.0.1.
+"""Shared fixtures: small synthetic datasets, a real S3-compatible server on 127.0.0.1 and a headless browser.
 
 ``s3_server`` is moto's ThreadedMotoServer (an HTTP S3 endpoint) started once per session on a free port;
 it yields a StorageConfig pointing at it. ``s3_bucket`` creates a fresh bucket per test and yields its
-``s3://`` URI.
+``s3://`` URI. ``browser`` is Debian's headless chromium driven by selenium through chromedriver.
 """
 
 from __future__ import annotations
@@ -142,3 +142,36 @@ def serve_server(tmp_path_factory: pytest.TempPathFactory, s3_server: StorageCon
     from serve_server import start_serve_server
 
     yield from start_serve_server(tmp_path_factory.mktemp("serve"), s3_server)
+
+
+BROWSER_SETUP_HINT = (
+    "run `bash scripts/setup.sh` (it installs Debian's chromium and chromium-driver, and selenium)"
+)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator:
+    """A headless chromium (the system's, never a downloaded one) under selenium; fails with the setup hint
+    when missing, skips with VEASON_SKIP_BROWSER=1."""
+    if os.environ.get("VEASON_SKIP_BROWSER") == "1":
+        pytest.skip("VEASON_SKIP_BROWSER=1")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.fail(f"selenium is not installed: {BROWSER_SETUP_HINT}")
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        missing = [
+            name for name, path in (("chromium", chromium), ("chromedriver", chromedriver)) if not path
+        ]
+        pytest.fail(f"{' and '.join(missing)} not on PATH: {BROWSER_SETUP_HINT}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -174,7 +174,7 @@ def test_offline_records_follow_the_contract_and_score_full_format(synthetic_rev
         source = by_key[meta["key"]]
         masks = dataset.object_masks(source, [meta["keyframe"]])[:, 0]
         present = masks[[m.any() for m in masks]]
-        assert np.allclose(parsed.boxes, np.round(ground_truth_boxes_560(present), 2))
+        assert np.allclose(parsed.boxes, np.round(ground_truth_boxes_560(present)))
         think = parsed.think
         assert answer == render_answer(think, meta["keyframe"], meta["boxes_560"])
     messages, answer = load_sft_example(records[0], str(out))

@@ -37,7 +37,7 @@ def _root(layout, synthetic_revos, synthetic_mevis, synthetic_reasonvos) -> Path
 
 def _config(layout: str, root: Path, out: Path, *extra: str):
     return load_config(
-        "configs/demo.yaml",
+        "tests/configs/small.yaml",
         [
             f"data.dataset={layout}",
             f"data.root={root}",
@@ -71,6 +71,8 @@ def test_ground_truth_answers_and_masks(
     assert len(lines) == len(dataset)
     assert (tmp_path / "eval" / "summary.md").read_text().startswith(f"# {layout} {LAYOUTS[layout]}")
     assert len(summary["worst_overlays"]) == 1
+    stills = sorted((tmp_path / "eval" / "overlays").glob("worst_*.png"))  # each overlay video has its still
+    assert len(stills) == 1 and stills[0].with_suffix(".mp4").is_file()
 
     # the masks written in the public tools' layout, read back: ground truth as predictions scores exactly 1
     for record in dataset.expressions():
@@ -131,13 +133,13 @@ def test_a_run_killed_halfway_resumes_to_the_same_summary(local_ray, tmp_path, s
     from pipelines.evaluate import run_evaluation
 
     base = [
-        sys.executable, "-m", "pipelines.cli", "eval", "configs/demo.yaml", f"data.root={synthetic_revos}",
+        sys.executable, "-m", "pipelines.cli", "eval", "tests/configs/small.yaml", f"data.root={synthetic_revos}",
         "eval.split=train", "data.decode_concurrency=1", *GT_RUN,
     ]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
     # the uninterrupted run, in this process, with the same configuration as the command line's
     expected = run_evaluation(
-        load_config("configs/demo.yaml", [*base[5:], f"eval.output_dir={tmp_path / 'whole'}"])
+        load_config("tests/configs/small.yaml", [*base[5:], f"eval.output_dir={tmp_path / 'whole'}"])
     ).summary
     total = expected["expressions"]
 

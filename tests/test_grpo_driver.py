@@ -43,7 +43,7 @@ def tiny_models(tmp_path_factory):
 def grpo_command(out: Path, data: Path, models, *extra: str) -> list[str]:
     policy, sam2 = models
     return [
-        sys.executable, "-m", "pipelines.cli", "grpo", "configs/demo.yaml",
+        sys.executable, "-m", "pipelines.cli", "grpo", "tests/configs/small.yaml",
         f"run.output_dir={out}", f"data.root={data}", "data.num_frames=2", "data.decode_concurrency=1",
         f"model.policy={policy}", f"reward.sam2.checkpoint={sam2}",
         "placement.mode=disaggregated", "placement.num_gpus=2",
@@ -107,9 +107,9 @@ def test_disaggregated_run_killed_after_a_checkpoint_resumes_and_finishes(
 )
 def test_staleness_settings_the_driver_cannot_run_are_refused_with_the_fields_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_trainer_config(load_config(REPO / "configs" / "demo.yaml", overrides))
+        check_trainer_config(load_config(REPO / "tests" / "configs" / "small.yaml", overrides))
     ok = ["trainer.max_staleness=1", "placement.mode=disaggregated", "learner.old_logprobs=engine"]
-    check_trainer_config(load_config(REPO / "configs" / "demo.yaml", ok))
+    check_trainer_config(load_config(REPO / "tests" / "configs" / "small.yaml", ok))
 
 
 @pytest.mark.slow  # ~105 s: an off-policy run across an epoch boundary and a resume (make test-slow)
@@ -144,7 +144,7 @@ def test_one_step_off_policy_bounds_staleness_and_trains_on_every_sample_once(
     def state(step: int) -> dict:
         return json.loads((out / "checkpoints" / f"step_{step:08d}" / "driver_state.json").read_text())
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["data.max_expressions=5"])
+    cfg = load_config(REPO / "tests" / "configs" / "small.yaml", ["data.max_expressions=5"])
     records = open_dataset("revos", str(synthetic_revos), "train").expressions()
     epoch_keys = sorted(
         sample_key(r) for r in select_expressions(list(records), cfg.data.expression_types, 5, 0)

@@ -40,7 +40,7 @@ def _write_mp4(path: Path, frames: np.ndarray) -> None:
 def _infer(tmp_path: Path, policy: Path, video: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "pipelines.cli", "infer", "configs/demo.yaml", f"input={video}",
+        sys.executable, "-m", "pipelines.cli", "infer", "tests/configs/small.yaml", f"input={video}",
         "query=the large purple shape", f"output={out}", f"model.policy={policy}", "reward.propagator=colour",
         "data.eval_num_frames=4", "inference.max_new_tokens=192", "inference.constrained_think_chars=16",
         "inference.constrained_max_boxes=2", *extra,
@@ -97,7 +97,7 @@ def test_infer_on_a_jpeg_folder_with_hugging_face(tmp_path, tiny_policy, synthet
 
 
 def test_infer_refuses_a_missing_input_naming_the_key(tmp_path, tiny_policy):
-    command = [sys.executable, "-m", "pipelines.cli", "infer", "configs/demo.yaml", f"input={tmp_path}/none.mp4",
+    command = [sys.executable, "-m", "pipelines.cli", "infer", "tests/configs/small.yaml", f"input={tmp_path}/none.mp4",
                "query=x", f"model.policy={tiny_policy}"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "infer.input" in done.stderr and "Traceback" not in done.stderr

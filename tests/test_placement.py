@@ -59,7 +59,7 @@ def test_colocated_shares_over_one_gpu_are_refused_with_the_fields_to_change():
 def test_a_cpu_shortage_names_the_cpus_and_the_keys_that_ask_for_them(cluster):
     # the 16-CPU cluster above: 3 engines x 8 CPUs cannot be reserved, whatever the GPUs
     cfg = load_config(
-        "configs/demo.yaml",
+        "tests/configs/small.yaml",
         ["rollout.engines=3", "rollout.cpus_per_engine=8", "placement.mode=disaggregated"],
     )
     with pytest.raises(RuntimeError) as refused:
@@ -72,7 +72,7 @@ def test_a_cpu_shortage_names_the_cpus_and_the_keys_that_ask_for_them(cluster):
 def test_a_local_cluster_that_cannot_grow_is_refused_at_once(cluster, monkeypatch):
     # a cluster this process started has no autoscaler: the placement does not wait placement.timeout_s for it
     monkeypatch.setattr("pipelines.placement.cluster_can_grow", lambda: False)
-    cfg = load_config("configs/demo.yaml", ["rollout.engines=3", "rollout.cpus_per_engine=8"])
+    cfg = load_config("tests/configs/small.yaml", ["rollout.engines=3", "rollout.cpus_per_engine=8"])
     assert cfg.placement.timeout_s == 900.0
     with pytest.raises(
         RuntimeError, match=r"waited 0 s \(placement.timeout_s\): the cluster is short of CPU"

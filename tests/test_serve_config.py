@@ -73,7 +73,7 @@ def test_the_builder_makes_the_three_deployments_with_their_gpu_shares(monkeypat
 
 
 def test_serve_refuses_a_missing_local_model_before_starting(tmp_path):
-    command = [sys.executable, "-m", "pipelines.cli", "serve", "configs/demo.yaml",
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "tests/configs/small.yaml",
                f"model.policy={tmp_path}/nothing", "reward.propagator=colour"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

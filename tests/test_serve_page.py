@@ -1,61 +1,31 @@
 """The page at GET / (serve/static/index.html) in a real browser: Debian's headless chromium, driven through
-chromedriver by selenium, against `veason serve` with an API key (tests/serve_server.py). The browser and its
-driver come from `bash scripts/setup.sh`; without them these tests fail, unless VEASON_SKIP_BROWSER=1."""
+chromedriver by selenium (the `browser` fixture of conftest.py), against `veason serve` with an API key
+(tests/serve_server.py). The browser and its driver come from `bash scripts/setup.sh`; without them these
+tests fail, unless VEASON_SKIP_BROWSER=1."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 from test_video_decoding import write_mp4
 
 from veason_ray.object_store import S3ObjectStore
 
 try:
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-except ImportError:  # the browser fixture fails with the setup hint
-    webdriver = None
+except ImportError:  # the browser fixture (conftest.py) fails with the setup hint
+    By = WebDriverWait = None
 
 logger = logging.getLogger(__name__)
 
-SETUP_HINT = "run `bash scripts/setup.sh` (it installs Debian's chromium and chromium-driver, and selenium)"
 RESULT_DEADLINE_S = 120.0  # the tiny policy and SAM2 on 2 CPU cores answer in well under a minute
 PAGE_DEADLINE_S = 20.0
 QUESTION = "Which shape moves to the right?"
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator:
-    """A headless chromium (the system's, never a downloaded one); fails with the setup hint when missing."""
-    if os.environ.get("VEASON_SKIP_BROWSER") == "1":
-        pytest.skip("VEASON_SKIP_BROWSER=1")
-    if webdriver is None:
-        pytest.fail(f"selenium is not installed: {SETUP_HINT}")
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or chromedriver is None:
-        missing = [
-            name for name, path in (("chromium", chromium), ("chromedriver", chromedriver)) if not path
-        ]
-        pytest.fail(f"{' and '.join(missing)} not on PATH: {SETUP_HINT}")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _clip(path: Path) -> Path:

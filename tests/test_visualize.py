@@ -1,5 +1,7 @@
 """visualize: the overlay video decodes back with the right frames, size and tint; the sampled-frames strip
-has its size and marks the keyframe's tile (and only that one)."""
+has its size and marks the keyframe's tile (and only that one); pictures that leave the program carry their
+caption band below the frames; sample pictures of tied responses are one picture, best and worst differ; the
+worst overlays cover different videos first."""
 
 from __future__ import annotations
 
@@ -8,10 +10,23 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
+from prompt_groups import make_group
 
+from pipelines.run_log import save_samples
+from veason_ray.eval_overlays import pick_worst
+from veason_ray.evaluation import ExpressionResult
+from veason_ray.prompts import render_answer
+from veason_ray.records import PromptGroup, Rollout, Scored
+from veason_ray.rewards import RewardBreakdown
 from veason_ray.visualize import (
+    BAND_BACKGROUND,
     BOX_COLOUR,
+    GT_COLOUR,
+    PRED_COLOUR,
     STRIP_TILE_WIDTH,
+    Caption,
+    caption_band,
     sampled_frames_strip,
     write_overlay_video,
 )
@@ -118,3 +133,104 @@ def test_strip_refuses_mismatched_indices():
     frames, _ = _sampled(count=2, size=32)
     with pytest.raises(ValueError, match="3 frame indices for 2 frames"):
         sampled_frames_strip(frames, [0, 1, 2])
+
+
+def _band_video(size: tuple[int, int] = (240, 320)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """6 flat gray frames at the demo's 320x240 with a predicted and a GT block."""
+    video, masks = _video(frames=6, height=size[0], width=size[1])
+    gt = np.zeros_like(masks)
+    gt[:, 55:95, 45:105] = True
+    return video, masks, gt
+
+
+CAPTION = Caption(
+    "Which shape moves to the right and then stops near the purple triangle?",
+    ((PRED_COLOUR, "predicted mask"), (BOX_COLOUR, "answer: keyframe t=2"), (GT_COLOUR, "ground truth")),
+    "J 81.2 | F 85.0 | J&F 83.1",
+)
+
+
+def test_overlay_with_a_caption_band_keeps_the_text_off_the_frames(tmp_path: Path):
+    video, masks, gt = _band_video()
+    path = write_overlay_video(
+        tmp_path / "overlay.mp4",
+        video,
+        masks,
+        keyframe=2,
+        boxes=np.array([[40.0, 50.0, 99.0, 89.0]]),
+        gt_masks=gt,
+        gt_keyframe=4,
+        gt_boxes=np.array([[45.0, 55.0, 104.0, 94.0]]),
+        band=CAPTION,
+        still=tmp_path / "overlay.png",
+    )
+    decoded = _decode(path)
+    still = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB"))
+    assert len(decoded) == len(video) and decoded[0].shape[1] == 320
+    assert decoded[0].shape[0] == still.shape[0] > 240 + 60  # the band is below the frames, several lines
+    band = still[240:].reshape(-1, 3).astype(int)
+    assert (np.abs(band - np.array(BAND_BACKGROUND)).max(axis=1) > 100).mean() > 0.01  # text and swatches
+    assert np.abs(still[5:45, 120:300].astype(int) - GRAY).max() < 5  # no text over the frame
+    # the still is the answer's keyframe: its yellow border; the GT keyframe of the video has magenta boxes
+    assert _is_box_colour(still[:240, 0]).all()
+
+    def magenta(pixels: np.ndarray) -> np.ndarray:  # H.264's halved colour resolution pales a thin line
+        red, green, blue = pixels.astype(int).T
+        return (red - green > 80) & (blue - green > 60)
+
+    assert magenta(decoded[4][51:54, 60:90].reshape(-1, 3)).any()  # the GT box's top edge, above the box
+    assert not magenta(decoded[1][51:54, 60:90].reshape(-1, 3)).any()  # not on other frames
+
+
+def test_caption_band_wraps_the_question_on_a_narrow_picture():
+    narrow, wide = caption_band(CAPTION, 320), caption_band(CAPTION, 1280)
+    assert narrow.shape[1] == 320 and wide.shape[1] == 1280
+    assert narrow.shape[0] > wide.shape[0]  # the font keeps a legible size: the text wraps instead
+    assert (narrow != np.array(BAND_BACKGROUND, dtype=np.uint8)).any(axis=-1).mean() > 0.02
+
+
+def scored_group(totals: list[float]) -> tuple[PromptGroup, list[Scored]]:
+    """A 2-frame group (GT on the second frame) and a parsable response (boxes differing) per reward total."""
+    group = make_group(3, num_frames=2)
+    group.sample.gt_boxes_560[1][:] = [[20.0, 20.0, 60.0, 60.0]]
+    group.sample.gt_masks_560[1, 2:6, 2:6] = True
+    scored = []
+    for index, total in enumerate(totals):
+        text = render_answer("t", 3, [[10.0 * index, 10.0, 50.0, 50.0]])
+        reward = RewardBreakdown(2.0, 1.0, total / 4, total / 4, total)
+        scored.append(Scored(Rollout(group.group_id, index, text, [], [], "stop", 0), reward))
+    return group, scored
+
+
+def test_samples_of_tied_responses_are_one_picture(tmp_path: Path):
+    group, scored = scored_group([1.5, 1.5, 1.5])
+    assert save_samples(1, [group], {group.group_id: scored}, tmp_path, None) == 1
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_000001_group_3_all_tied.png",
+        "step_000001_group_3_all_tied.txt",
+    ]
+
+
+def test_best_and_worst_samples_are_different_responses(tmp_path: Path):
+    group, scored = scored_group([1.0, 3.0, 2.0])
+    assert save_samples(7, [group], {group.group_id: scored}, tmp_path, None) == 2
+    folder = tmp_path / "samples"
+    best, worst = (folder / "step_000007_group_3_best", folder / "step_000007_group_3_worst")
+    assert best.with_suffix(".txt").read_text() == scored[1].rollout.text
+    assert worst.with_suffix(".txt").read_text() == scored[0].rollout.text
+    best_png, worst_png = (np.asarray(Image.open(p.with_suffix(".png"))) for p in (best, worst))
+    assert best_png.shape == worst_png.shape and not np.array_equal(best_png, worst_png)
+    assert best_png.shape[0] > 112  # the frames, then the caption band below them
+
+
+def _result(video: str, exp_id: str, jf: float) -> ExpressionResult:
+    return ExpressionResult(video, exp_id, "the square", 0, False, j=jf, f=jf)
+
+
+def test_worst_overlays_cover_different_videos_first():
+    results = [_result("a", "0", 0.1), _result("a", "1", 0.2), _result("a", "2", 0.3), _result("b", "0", 0.5)]
+    results += [_result("c", "0", 0.9), ExpressionResult("d", "0", "x", 0, False, error="corrupt_frame: x")]
+    results += [ExpressionResult("e", "0", "nothing", 2, False, j=0.0, f=0.0)]  # no target: never drawn
+    assert [r.key for r in pick_worst(results, 3)] == ["a/0", "b/0", "c/0"]
+    assert [r.key for r in pick_worst(results, 5)] == ["a/0", "b/0", "c/0", "a/1", "a/2"]
+    assert pick_worst(results, 0) == []

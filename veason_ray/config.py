@@ -56,6 +56,8 @@ class RunConfig:
     name: str = "veason"
     output_dir: str = "runs/veason"  # local path or s3://bucket/prefix
     seed: int = 0
+    # the libraries' output (vLLM, Ray, ...) on the console too, not only in <output_dir>/logs/ (--verbose)
+    verbose: bool = False
 
 
 @dataclass
@@ -166,6 +168,9 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str = "sdpa"
     cache_dir: str = ""  # where s3:// and hub copies are kept; empty = ~/.cache/veason
+    # `veason demo` writes the tiny policy when model.policy names a missing qwen2_5_vl_tiny folder: its image
+    # processor's pixels per frame (0 = Qwen's own, 400 visual tokens a 560x560 frame; 12544 = 112x112, 16 tokens)
+    tiny_image_pixels: int = field(default=0, metadata=ge(0))
 
 
 @dataclass

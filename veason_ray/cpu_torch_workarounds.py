@@ -8,14 +8,23 @@ That breaks transformers' image processors, vLLM's Qwen2-VL code and SAM2 on CPU
 Declaring the two operator schemas before torchvision is imported lets the import and all pure-PyTorch parts
 work (calling a compiled op such as nms still fails). Nothing here runs on a CUDA build of torch, nor when
 torchvision's extension loads by itself (a matching CPU torchvision build), so GPU setups are never touched.
+
+vLLM's CPU worker replaces `torch.set_num_threads` in its process with a stub that warns at each call ("CPU
+backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."); with the engine core
+in the caller's process, vLLM's own multimodal processor then calls it twice per request. Without a thread
+binding (VLLM_CPU_OMP_THREADS_BIND=nobind, our CPU setting) the stub guards nothing: `torch_threads_settable`
+puts torch's function back right after the worker has replaced it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -84,3 +93,29 @@ def apply_cpu_workarounds() -> bool:
             library.define(schema)
     _torchvision_library = library
     return True
+
+
+@contextlib.contextmanager
+def torch_threads_settable() -> Iterator[None]:
+    """Around building a vLLM engine: where no thread is bound (VLLM_CPU_OMP_THREADS_BIND=nobind), the CPU worker
+    built in this process gets torch's `set_num_threads` back right after its `init_device` put the stub in (the
+    next thing it calls is `init_worker_distributed_environment`; its model runner then sets threads twice);
+    elsewhere (GPUs, bound threads) nothing changes."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind":
+        yield
+        return
+    import torch
+    from vllm.v1.worker import cpu_worker
+
+    setter, init_distributed = torch.set_num_threads, cpu_worker.init_worker_distributed_environment
+
+    def init_distributed_with_setter(*args: Any, **kwargs: Any) -> Any:
+        torch.set_num_threads = setter
+        return init_distributed(*args, **kwargs)
+
+    cpu_worker.init_worker_distributed_environment = init_distributed_with_setter
+    try:
+        yield
+    finally:
+        cpu_worker.init_worker_distributed_environment = init_distributed
+        torch.set_num_threads = setter

@@ -88,12 +88,16 @@ def build_messages(
     ]
 
 
+def _coordinate(value: float) -> int | float:
+    rounded = round(float(value), 2)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
 def render_answer(think: str, keyframe: int, boxes: np.ndarray | Sequence[Sequence[float]]) -> str:
     """An assistant answer in the schema: `<think>...</think>\\n<answer>{json}</answer>`, boxes (K, 4) in 560
-    space rounded to 2 decimals (the CoT-SFT records' form)."""
-    box_list = [
-        [round(float(v), 2) for v in box] for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    ]
+    space rounded to 2 decimals, whole pixels written as integers (`118`, not `118.0`: the CoT-SFT records' form,
+    which a small policy copies more reliably)."""
+    box_list = [[_coordinate(v) for v in box] for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)]
     answer = json.dumps({"keyframe_timestamp": int(keyframe), "bbox_2d_list": box_list})
     return f"<think>{think}</think>\n<answer>{answer}</answer>"
 

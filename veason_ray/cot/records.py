@@ -91,7 +91,8 @@ def user_text(frame_indices: list[int] | tuple[int, ...], expression: str) -> st
 def make_record(job: CoTJob, think: str, teacher: str) -> dict[str, Any]:
     """The record of one sample whose teacher wrote ``think`` (the CoT text, without tags)."""
     r = job.record
-    boxes = [[round(float(v), 2) for v in box] for box in np.asarray(job.boxes_560).reshape(-1, 4)]
+    # whole pixels of the 560x560 frame: a policy copies integers more reliably than 2-decimal fractions
+    boxes = [[int(round(float(v))) for v in box] for box in np.asarray(job.boxes_560).reshape(-1, 4)]
     return {
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},

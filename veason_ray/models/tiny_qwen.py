@@ -133,6 +133,7 @@ TOKENIZER_VOCAB_SIZE = 1024  # an upper bound: merges run out on this corpus at 
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 16384
 TINY_QWEN_DIRNAME = "qwen2_5_vl_tiny"
+TINY_MARKER = "veason_tiny.json"  # what write_tiny_qwen wrote into its folder: kind, seed, image_pixels
 
 
 def build_tiny_tokenizer() -> Qwen2Tokenizer:
@@ -218,12 +219,32 @@ def tiny_qwen_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
     return qwen2_5_vl_config(tokenizer, text_sizes, vision_sizes)
 
 
-def write_tiny_qwen(out_dir: str | Path, seed: int = 0) -> Path:
+def cap_image_pixels(processor: Any, image_pixels: int) -> None:
+    """Cap the image processor's pixels per image (112 * 112: 16 visual tokens per frame instead of 400 for a
+    560x560 frame; 224 * 224: 64). The training, generation and rollout paths all read the processor from the
+    model's folder, so the cap holds everywhere the folder is used."""
+    images = processor.image_processor
+    images.size = {
+        "shortest_edge": min(images.size["shortest_edge"], image_pixels),
+        "longest_edge": image_pixels,
+    }
+    images.max_pixels = image_pixels
+
+
+def tiny_qwen_marker(out_dir: str | Path) -> dict[str, Any] | None:
+    """What `write_tiny_qwen` recorded in a folder it wrote (kind, seed, image_pixels); None for any other."""
+    marker = Path(out_dir) / TINY_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def write_tiny_qwen(out_dir: str | Path, seed: int = 0, image_pixels: int = 0) -> Path:
     """Write the tiny model, tokenizer, processor and generation config into `out_dir`; deterministic in
-    `seed`. Returns the folder."""
+    `seed`. `image_pixels` > 0 caps the processor's pixels per image (`cap_image_pixels`). Returns the folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_tiny_processor()
+    if image_pixels > 0:
+        cap_image_pixels(processor, image_pixels)
     config = tiny_qwen_config(processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -233,5 +254,6 @@ def write_tiny_qwen(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "veason_tiny.json").write_text(json.dumps({"kind": "qwen2_5_vl_tiny", "seed": seed}) + "\n")
+    marker = {"kind": "qwen2_5_vl_tiny", "seed": seed, "image_pixels": image_pixels}
+    (out_dir / TINY_MARKER).write_text(json.dumps(marker) + "\n")
     return out_dir
