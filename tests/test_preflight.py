@@ -42,7 +42,7 @@ def demo_inputs(tmp_path_factory, synthetic_revos):
 def _grpo(inputs: dict, *overrides: str, env: dict | None = None):
     base = [f"data.root={inputs['data']}", f"model.policy={inputs['policy']}",
             f"reward.sam2.checkpoint={inputs['sam2']}", f"run.output_dir={inputs['folder'] / 'run'}"]  # fmt: skip
-    return veason("grpo", "configs/demo.yaml", *base, *overrides, env=env)
+    return veason("grpo", "tests/configs/small.yaml", *base, *overrides, env=env)
 
 
 def refused(done: subprocess.CompletedProcess, seconds: float, *needles: str) -> None:
@@ -97,7 +97,7 @@ def test_a_policy_folder_without_weights_names_model_policy(demo_inputs, tmp_pat
 
 def test_a_fresh_clone_before_make_demo_is_told_to_run_it(tmp_path):
     # a checkout without runs/ (make demo writes it): the demo config's relative paths, from an empty folder
-    done, seconds = veason("grpo", str(REPO / "configs/demo.yaml"), cwd=tmp_path)
+    done, seconds = veason("grpo", str(REPO / "tests/configs/small.yaml"), cwd=tmp_path)
     refused(
         done,
         seconds,
@@ -114,7 +114,7 @@ def test_zero_responses_per_prompt_is_refused_as_a_config_value(demo_inputs):
 
 def test_eval_checks_its_split_and_a_missing_sam2(demo_inputs, tmp_path):
     done, seconds = veason(
-        "eval", "configs/demo.yaml", f"data.root={demo_inputs['data']}", f"model.policy={demo_inputs['policy']}",
+        "eval", "tests/configs/small.yaml", f"data.root={demo_inputs['data']}", f"model.policy={demo_inputs['policy']}",
         f"reward.sam2.checkpoint={tmp_path}/sam2", f"run.output_dir={tmp_path}/run", "eval.split=test",
     )  # fmt: skip
     refused(
