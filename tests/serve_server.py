@@ -52,7 +52,7 @@ def start_serve_server(folder: Path, storage, timeout_s: float = 420.0):
     ray_dir = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # short: Ray's socket paths must stay < 108
     command = [
         sys.executable, "-m", "pipelines.cli", "serve", "tests/configs/small.yaml", f"model.policy={policy}",
-        f"reward.sam2.checkpoint={sam2}", "reward.propagator=sam2", f"serve.port={port}",
+        f"reward.sam2.checkpoint={sam2}", f"run.output_dir={folder}", "reward.propagator=sam2", f"serve.port={port}",
         "inference.generator=vllm", "inference.constrain_answer=true", "inference.max_new_tokens=192",
         "inference.constrained_think_chars=16", "inference.constrained_max_boxes=2", "data.eval_num_frames=4",
         "serve.max_frames=40", "serve.max_side=640", "serve.max_upload_mb=4", "serve.max_duration_s=20",

@@ -296,6 +296,9 @@ def _serve_logs(server) -> str:
     """The driver's output and the replicas' log files of the test server's Ray session."""
     texts = [server.log.read_text(errors="replace")]
     texts += [p.read_text(errors="replace") for p in server.ray_dir.glob("session_*/logs/serve/*.log")]
+    texts += [
+        p.read_text(errors="replace") for p in server.log.parent.glob("logs/*.log")
+    ]  # the console's log
     return "\n".join(texts)
 
 
