@@ -31,7 +31,9 @@ from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.console import open_console, say
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import config_to_dict, save_config
-from veason_ray.object_store import is_s3_uri
+from veason_ray.eval_summary import headline_subset
+from veason_ray.evaluation import REWARD_PARTS
+from veason_ray.object_store import is_s3_uri, join_uri
 
 STAGE_MARKER = (
     "demo_stage.json"  # in each stage's folder: the settings' fingerprint, written when it finished
@@ -136,15 +138,13 @@ class Stages:
     def run(self, name: str, title: str, work: Callable[[], Any]) -> Any:
         folder = self.out / name
         marker = folder / STAGE_MARKER
-        done = (
-            marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == self.fingerprints[name]
-        )
+        finished = json.loads(marker.read_text()) if marker.is_file() else {}
         number = list(self.fingerprints).index(name) + 1
-        if done and not self._stale:
+        if finished.get("fingerprint") == self.fingerprints[name] and not self._stale:
             say(f"\n[{number}/{len(self.fingerprints)}] {title}: reused ({folder}, same settings)")
             self.reused.append(name)
             self.seconds[name] = 0.0
-            return json.loads(marker.read_text()).get("result")
+            return finished.get("result")
         say(f"\n[{number}/{len(self.fingerprints)}] {title}")
         self._stale = True
         if folder.exists():
@@ -158,15 +158,11 @@ class Stages:
 
 
 def evaluation_row(label: str, summary: dict[str, Any]) -> dict[str, Any]:
-    overall = summary["subsets"].get("overall") or summary["subsets"].get("all") or {}
     return {
         "label": label,
         "parse_rate": summary.get("parse_rate"),
-        **{
-            part: summary["rewards"].get(part)
-            for part in ("format", "keyframe", "spatial", "consistency", "total")
-        },
-        "jf": overall.get("jf"),
+        **{part: summary["rewards"].get(part) for part in REWARD_PARTS},
+        "jf": headline_subset(summary).get("jf"),
     }
 
 
@@ -181,10 +177,7 @@ def learning_table(rows: list[dict[str, Any]], oracle: dict[str, Any] | None) ->
     for row in rows + ([{"label": "ground-truth answers", "parse_rate": 1.0, **oracle}] if oracle else []):
         lines.append(
             f"{row['label']:30s} {number(row['parse_rate'] and 100 * row['parse_rate'], '6.1f')}%"
-            + "".join(
-                f" {number(row.get(p), '7.3f')}"
-                for p in ("format", "keyframe", "spatial", "consistency", "total")
-            )
+            + "".join(f" {number(row.get(part), '7.3f')}" for part in REWARD_PARTS)
             + f" {number(row.get('jf') and 100 * row['jf'], '6.1f')}"
         )
     return "\n".join(lines)
@@ -196,7 +189,7 @@ def held_out_example(cfg: VeasonConfig) -> tuple[str, str]:
 
     dataset = open_dataset(cfg.data.dataset, cfg.data.root, cfg.data.eval_split, cfg.storage)
     record = next(r for r in dataset.expressions() if r.type_id != TYPE_NO_TARGET)
-    return str(Path(cfg.data.root) / "JPEGImages" / record.video), record.expression
+    return join_uri(dataset.image_root, record.video), record.expression
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,13 +26,11 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from pipelines.run_log import CURVES, METRICS_FILE
+from pipelines.run_log import CURVES, METRICS_FILE, SFT_CURVE_FILE, SFT_SUMMARY_FILE
+from veason_ray.cot.records import read_jsonl
+from veason_ray.eval_summary import headline_subset
 from veason_ray.evaluation import REWARD_PARTS
 
-SFT_SUMMARY, SFT_CURVE = (
-    "sft_summary.json",
-    "loss_curve.png",
-)  # as pipelines/sft.py writes them (it imports Ray)
 SAMPLE_IMAGES = 6  # sample pictures shown, latest step first
 OVERLAY_STILLS = 8  # overlay stills shown per evaluation
 CHART_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
@@ -58,19 +56,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file (unreadable lines skipped); [] when it is missing."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 def _number(value: Any, percent: bool = False) -> str:
     """A table cell: percent with one decimal, or three decimals; "-" for a missing or NaN value."""
     if not isinstance(value, int | float) or math.isnan(value):
@@ -91,12 +76,6 @@ def _image(path: Path, caption: str) -> str:
     )
 
 
-def _main_subset(summary: dict[str, Any]) -> dict[str, Any]:
-    """The subset a benchmark headlines: ReVOS "overall", the others "all"."""
-    subsets = summary.get("subsets") or {}
-    return subsets.get("overall") or subsets.get("all") or {}
-
-
 def _row(cells: Sequence[str], tag: str = "td", css_class: str = "") -> str:
     attribute = f' class="{css_class}"' if css_class else ""
     return f"<tr{attribute}>" + "".join(f"<{tag}>{escape(cell)}</{tag}>" for cell in cells) + "</tr>"
@@ -111,7 +90,7 @@ def evaluation_table(evaluations: Sequence[tuple[str, Path]]) -> str:
         if not isinstance(summary, dict):
             notes.append(f"{label}: no summary.json in {folder}")
             continue
-        main, rewards = _main_subset(summary), summary.get("rewards") or {}
+        main, rewards = headline_subset(summary), summary.get("rewards") or {}
         cells = [
             label,
             f"{summary.get('benchmark', '?')} {summary.get('split', '')}",
@@ -185,7 +164,7 @@ def _curve(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
 
 def grpo_section(grpo_dir: Path) -> str:
     """The reward parts per step (from metrics.jsonl) and curves.png."""
-    rows = _read_jsonl(Path(grpo_dir) / METRICS_FILE)
+    rows = list(read_jsonl(Path(grpo_dir) / METRICS_FILE))
     keys = [key for key in CURVES if key.startswith("reward/")]
     html = svg_chart("GRPO reward per step", {key: _curve(rows, key) for key in keys}) if rows else ""
     html = html or _note(f"no {METRICS_FILE} in {grpo_dir}")
@@ -196,14 +175,14 @@ def grpo_section(grpo_dir: Path) -> str:
 def sft_section(sft_dir: Path) -> str:
     """The loss per step (metrics.jsonl), loss_curve.png and the before/after table of sft_summary.json."""
     folder = Path(sft_dir)
-    rows = _read_jsonl(folder / METRICS_FILE)
+    rows = list(read_jsonl(folder / METRICS_FILE))
     html = ""
     if rows:
         losses = {"train loss": _curve(rows, "loss"), "held-out loss": _curve(rows, "eval_loss")}
         html += svg_chart("SFT loss per step (nats per answer token)", losses)
-    if (folder / SFT_CURVE).is_file():
-        html += _image(folder / SFT_CURVE, f"{SFT_CURVE}: loss and held-out parse rate")
-    summary = _read_json(folder / SFT_SUMMARY)
+    if (folder / SFT_CURVE_FILE).is_file():
+        html += _image(folder / SFT_CURVE_FILE, f"{SFT_CURVE_FILE}: loss and held-out parse rate")
+    summary = _read_json(folder / SFT_SUMMARY_FILE)
     if isinstance(summary, dict):
         before, after = summary.get("before") or {}, summary.get("after") or {}
         body = "".join(

@@ -32,6 +32,8 @@ from veason_ray.visualize import (
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"  # one JSON line per step, in the run's folder
+SFT_SUMMARY_FILE = "sft_summary.json"  # `veason sft`'s before/after scores and losses, in sft.output_dir
+SFT_CURVE_FILE = "loss_curve.png"  # `veason sft`'s loss curve, beside it
 WANDB_ID_FILE = "wandb_run_id"  # the wandb run a resumed run continues
 
 SUMMARY_KEYS = (

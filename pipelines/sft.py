@@ -30,15 +30,12 @@ from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.console import open_console, say
 from pipelines.ray_runtime import init_ray
-from pipelines.run_log import METRICS_FILE
+from pipelines.run_log import METRICS_FILE, SFT_CURVE_FILE, SFT_SUMMARY_FILE
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import save_config
 from veason_ray.cot.records import COT_FILE, read_jsonl, validate_record
 from veason_ray.object_store import is_s3_uri, join_uri
 from veason_ray.training.sft import FormatScore, split_held_out
-
-SUMMARY_FILE = "sft_summary.json"
-CURVE_FILE = "loss_curve.png"
 
 
 def records_path(cfg: VeasonConfig) -> str:
@@ -251,14 +248,16 @@ def fine_tune(cfg: VeasonConfig) -> dict[str, Any]:
         "held_out_examples": len(held_out),
         "before": before.as_dict(),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")  # what is known if training dies
+    (out / SFT_SUMMARY_FILE).write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )  # what is known if training dies
     result = train(cfg, model_dir, train_records, held_out, root, out)
     if result.error is not None:
         raise SystemExit(f"veason sft: training failed: {result.error}")
     export = out / "hf"
     after = evaluate(str(export), held_out, root, cfg)
     rows = read_metrics(out)
-    note = write_curve(rows, out / CURVE_FILE)
+    note = write_curve(rows, out / SFT_CURVE_FILE)
     held_losses = [r["eval_loss"] for r in held_out_rows(rows)]
     summary.update(
         {
@@ -271,12 +270,12 @@ def fine_tune(cfg: VeasonConfig) -> dict[str, Any]:
             "seconds": time.perf_counter() - started,
         }
     )
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SFT_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     say(format_table(before, after))
     say(
         f"sft: {len(rows)} steps, loss {summary['first_loss']} -> {summary['final_loss']}, "
         f"held-out loss {summary['final_held_out_loss']}"
     )
     say(f"  export    {export} (GRPO: model.policy={export})")
-    say(f"  summary   {out / SUMMARY_FILE}\n  {note}")
+    say(f"  summary   {out / SFT_SUMMARY_FILE}\n  {note}")
     return summary

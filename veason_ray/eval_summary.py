@@ -32,6 +32,12 @@ def benchmark_subsets(benchmark: str, scored: Sequence[ExpressionResult]) -> tup
     return revos_summary(scores), ({NO_TARGET: subset_mean(no_target)} if no_target else {})
 
 
+def headline_subset(summary: dict[str, Any]) -> dict[str, Any]:
+    """The subset a benchmark's summary headlines (`benchmark_subsets`): ReVOS "overall", the others "all"."""
+    subsets = summary.get("subsets") or {}
+    return subsets.get("overall") or subsets.get("all") or {}
+
+
 def failure_reason(error: str) -> str:
     """The kind of a failure: the text before the first ':' of its error."""
     return error.split(":", 1)[0].strip() or "error"
