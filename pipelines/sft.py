@@ -2,7 +2,7 @@
 section 6) with Ray Train + DeepSpeed; the LoRA-merged HF folder it exports is what GRPO starts from and uses
 as its reference model.
 
-    records   sft.records (default <cot.output_dir or run.output_dir/cot>/cot.jsonl), cut to sft.max_examples,
+    records   sft.records (default <cot.output_dir or run.output_dir/cot>/cot.jsonl), in sample-key order, cut to sft.max_examples,
               a seeded sft.held_out_fraction held out
     before    greedy answers of the starting model (model.policy) to the held-out prompts: parse rate, format
               match, mean format reward (`veason_ray.answer_parsing`, `veason_ray.rewards`)
@@ -63,6 +63,9 @@ def load_records(cfg: VeasonConfig) -> tuple[list[dict[str, Any]], list[dict[str
             validate_record(record)
         except ValueError as e:
             raise SystemExit(f"veason sft: {path} record {index}: {e}") from None
+    # `veason cot` appends records as they finish, in no fixed order: sorted by sample key, the same seed gives
+    # the same held-out split and batches on every run (records without our metadata keep their file order)
+    records.sort(key=lambda record: str((record.get("veason") or {}).get("key", "")))
     if cfg.sft.max_examples > 0:
         records = records[: cfg.sft.max_examples]
     train, held = split_held_out(len(records), cfg.sft.held_out_fraction, cfg.run.seed)

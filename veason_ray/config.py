@@ -597,7 +597,7 @@ class SFTConfig:
     batch_size: int = field(default=16, metadata=ge(1))  # examples per optimizer step over all ranks
     max_examples: int = field(
         default=0, metadata=ge(0)
-    )  # 0 = all records (the first N in file order otherwise)
+    )  # 0 = all records (the first N in sample-key order otherwise)
     held_out_fraction: float = field(
         default=0.1, metadata=within(0, 1, high_open=True)
     )  # records kept out of training for the parse-rate evaluation (seeded)
