@@ -49,7 +49,15 @@ def _config(layout: str, root: Path, out: Path, *extra: str):
     )
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(
+    "layout",
+    # MeViS and ReasonVOS through the whole job are slow-marked (the default suite is at its 20-minute budget);
+    # their readers are tested in test_datasets.py, and the ReVOS layout runs here and in test_demo.py
+    [
+        layout if layout == "revos" else pytest.param(layout, marks=pytest.mark.slow)
+        for layout in sorted(LAYOUTS)
+    ],
+)
 def test_ground_truth_answers_and_masks(
     layout, local_ray, tmp_path, synthetic_revos, synthetic_mevis, synthetic_reasonvos
 ):
