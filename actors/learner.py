@@ -14,13 +14,12 @@ completion and reports through its own loop. The SFT job (`pipelines/sft.py`) is
 Train; both share the training code of `veason_ray/training/`.
 
 Talks to: the driver (pipelines/), the rollout engines (weights, through the transport of
-`actors/weight_sync.py`), the object store (checkpoints, exports).
+`actors/weight_sync/`), the object store (checkpoints, exports).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,10 @@ from typing import Any
 
 import ray
 
+from actors.network import free_port
 from actors.weight_sync import SyncReport, make_transport
 from veason_ray.config import VeasonConfig
+from veason_ray.contiguous_split import contiguous_slices
 from veason_ray.object_store import is_s3_uri, join_uri, store_for
 from veason_ray.records import TrainItem
 from veason_ray.training.checkpoint import (
@@ -40,12 +41,6 @@ from veason_ray.training.checkpoint import (
 )
 from veason_ray.training.grpo_update import combine_metrics, loss_normalizer, micro_batch_count
 from veason_ray.weight_transport import WeightChecksum
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class LearnerWorker:
@@ -60,7 +55,7 @@ class LearnerWorker:
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int, model_dir: str, reference_dir: str) -> dict[str, Any]:
         import deepspeed
@@ -112,12 +107,13 @@ class LearnerWorker:
         forbidden = vision_token_ids(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.updater = GRPOUpdater(self.engine, reference, learner, pad_id, forbidden, self.world_size)
-        # Every rank knows the transport's kind; only rank 0 sends.
+        # Every rank builds the transport (whether a replay reads the weights again); only rank 0 sends.
         self.transport = make_transport(
             self.cfg.rollout.weight_transport,
             int(self.cfg.rollout.weight_bucket_mb * 2**20),
             ranks_per_engine=self.cfg.rollout.tensor_parallel_size,
             colocated=self.cfg.placement.mode == "colocated",
+            timeout_s=self.cfg.rollout.weight_sync_timeout_s,
         )
         trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
         return {"rank": self.rank, "seconds": time.perf_counter() - start, "trainable_params": trainable}
@@ -180,7 +176,7 @@ class LearnerWorker:
         IPC and NCCL read the weights again, so the other ranks join the gathers)."""
         if self.rank == 0:
             return self.transport.replay(engines, all_engines)
-        if self.transport.kind != "reload":
+        if self.transport.replay_reads_source:
             self._join_gathers()
         return None
 
@@ -278,13 +274,7 @@ class LearnerGroup:
         world = len(self.workers)
         if len(items) < world:
             raise ValueError(f"{len(items)} sequences cannot be split over learner.workers={world} ranks")
-        base, extra = divmod(len(items), world)
-        shares, start = [], 0
-        for rank in range(world):
-            stop = start + base + (rank < extra)
-            shares.append(list(items[start:stop]))
-            start = stop
-        return shares
+        return [list(items[share]) for share in contiguous_slices(len(items), world)]
 
     def _prepare(self, items: Sequence[TrainItem]) -> tuple[int, float]:
         infos = ray.get(

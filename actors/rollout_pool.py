@@ -5,63 +5,42 @@
 on a restarted engine that was first re-synced to the pool's weight version (at most `max_restarts` restarts per
 call). An engine fails when its actor dies, when its vLLM dies under a live actor (RolloutEngineDead: the engine
 core exited or failed a step), or when a call passes `request_timeout_s` (hung: its vLLM is aborted at once).
-Any other error of a call is the request's and reaches the caller.
+Any other error of a call is the request's and reaches the caller. The engines' calls, deadlines and restarts
+run through an ActorSupervisor (`actors/supervisor.py`); this pool says how an engine restarts in place and
+re-syncs.
 
 A restart is in place where it can be (`rollout.restart_in_place`): the live actor builds a new vLLM, which
 saves the process spawn and imports of a new actor. Where the actor is dead, does not answer within
 `restart_in_place_timeout_s`, or cannot (NCCL weights), the actor is replaced. Either way the old vLLM is shut
 down first (bounded wait), so a separate engine-core process has given its GPU memory back before the new one
-starts. `last_restart` says which kind ran and where its seconds went. Weights arrive through a WeightTransport
-(`actors/weight_sync.py`).
+starts. `last_restart` says which kind ran and where its seconds went. Weights arrive from a WeightSender
+(`actors/weight_sync/`).
 
-Talks to: its RolloutEngine actors, and the driver that owns the pool (pipelines/).
+Talks to: its RolloutEngine actors (through its ActorSupervisor), and the driver that owns the pool
+(pipelines/).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from actors.engine_health import RolloutEngineDead
 from actors.rollout import RolloutEngine, RolloutEngineError, SleepState
-from actors.weight_sync import SyncReport, WeightSource, WeightTransport
+from actors.supervisor import STOP_TIMEOUT_S, ActorFailure, ActorSupervisor, SlotRestart
+from actors.weight_sync import SourceSender, SyncReport, WeightSender, WeightSource, WeightTransport
 from veason_ray.config import RolloutConfig, SamplingConfig
+from veason_ray.contiguous_split import contiguous_slices
 from veason_ray.records import PromptGroup, Rollout
 from veason_ray.weight_transport import WeightChecksum
 
 log = logging.getLogger(__name__)
-
-ENGINE_CLOSE_TIMEOUT_S = 30.0  # a live engine's vLLM stops in seconds (its control thread answers when hung)
-
-
-class WeightSender(Protocol):
-    """Whoever holds the weights the pool should serve: pushes them to engines as a version, and re-sends the
-    latest to restarted engines (None when nothing was pushed yet)."""
-
-    def push(self, engines: Sequence[Any], version: int) -> SyncReport: ...
-
-    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None: ...
-
-
-@dataclass
-class SourceSender:
-    """A WeightSender for weights held in the calling process: a transport and a source of named tensors."""
-
-    transport: WeightTransport
-    source: WeightSource
-
-    def push(self, engines: Sequence[Any], version: int) -> SyncReport:
-        return self.transport.push(engines, self.source, version)
-
-    def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
-        return self.transport.replay(engines, all_engines)
 
 
 @dataclass
@@ -90,18 +69,20 @@ class RolloutPool:
         dtype: str = "bfloat16",
         seed: int | None = 0,
         scheduling: Sequence[dict[str, Any]] | None = None,
+        colocated: bool = True,
     ) -> None:
+        """`colocated`: the learner shares the engines' GPUs (placement.mode colocated); with
+        `rollout.weight_transport` auto it picks the engines' side of the transport, as it does the learner's."""
         self.model_dir = str(model_dir)
         self.cfg = cfg
         self.dtype = dtype
         self.seed = seed
+        self.colocated = colocated
         self.version = 0
         self.sender: WeightSender | None = None
         self.asleep = False
-        self.restarts = 0
         self.restart_seconds: list[float] = []
         self.last_restart: EngineRestart | None = None
-        self._abandoned: list[ray.ObjectRef] = []  # calls of aborted engines, read once done (see `_drain`)
         gpus = cfg.gpus_per_engine * cfg.tensor_parallel_size
         quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
         # "control": a thread of its own for `abort_engine`, which must answer while a generate blocks the actor
@@ -114,14 +95,43 @@ class RolloutPool:
         )(RolloutEngine)
         # Per engine, Ray scheduling options (its placement-group bundle); a restart goes where it was.
         self._scheduling = list(scheduling or [{}] * cfg.engines)
-        self.engines = [self._spawn(i) for i in range(cfg.engines)]
         start = time.perf_counter()
-        self.engine_info = ray.get([e.ready.remote() for e in self.engines])
+        # The engines, their calls and restarts; its `restarts` and `timeouts` are the pool's fault counts.
+        self.supervisor = ActorSupervisor(
+            self._spawn,
+            cfg.engines,
+            name="rollout engine",
+            lost=RolloutEngineDead,
+            abort=lambda engine, reason: engine.abort_engine.remote(reason),
+            restart_in_place=self._restart_in_place,
+            in_place=cfg.restart_in_place,
+            restarted=self._restarted,
+        )
         self.start_seconds = time.perf_counter() - start
 
-    def _spawn(self, index: int, load_checkpoint: bool = True) -> Any:
+    @property
+    def engines(self) -> list[Any]:
+        """The engine actors (a restart may replace one)."""
+        return self.supervisor.handles
+
+    @property
+    def engine_info(self) -> list[dict[str, Any]]:
+        """What each engine's `ready` answered last: its start seconds, processes and weights."""
+        return self.supervisor.infos
+
+    @property
+    def restarts(self) -> int:
+        """Engine restarts so far."""
+        return self.supervisor.restarts
+
+    @property
+    def _replays_weights(self) -> bool:
+        """Weights were pushed: a restarted engine gets them replayed, so its new vLLM skips the checkpoint."""
+        return self.sender is not None and self.version > 0
+
+    def _spawn(self, index: int) -> Any:
         return self._actor_cls.options(**self._scheduling[index]).remote(
-            self.model_dir, self.cfg, self.dtype, self.seed or 0, load_checkpoint
+            self.model_dir, self.cfg, self.dtype, self.seed or 0, not self._replays_weights, self.colocated
         )
 
     # ---- generation ----
@@ -139,60 +149,31 @@ class RolloutPool:
     ) -> Iterator[tuple[int, list[list[Rollout]]]]:
         """As each engine finishes its chunk: (index of the chunk's first group, its groups' rollouts), so the
         caller can score a chunk while the other engines still generate."""
-        self._drain()
         sampling = sampling or self.cfg.sampling
         n = n or self.cfg.n
         groups = list(groups)
-        pending: dict[ray.ObjectRef, tuple[int, slice, float]] = {}
-
-        def submit(engine: int, part: slice) -> None:
-            ref = self.engines[engine].generate.remote(
-                groups[part], sampling, n, self.seed, self.cfg.prefill_first
-            )
-            pending[ref] = (engine, part, time.monotonic() + self.cfg.request_timeout_s)
-
-        for engine, part in enumerate(_split(len(groups), len(self.engines))):
+        supervisor = self.supervisor
+        supervisor.limit_restarts(self.cfg.max_restarts)
+        for engine, part in enumerate(contiguous_slices(len(groups), len(self.engines))):
             if part.stop > part.start:
-                submit(engine, part)
-        budget = self.cfg.max_restarts
-        while pending:
-            nearest = min(deadline for _, _, deadline in pending.values())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, nearest - time.monotonic()))
-            failed: list[tuple[ray.ObjectRef, str]] = []
-            for ref in ready:
-                try:
-                    rollouts = ray.get(ref)
-                except RayActorError as e:
-                    failed.append((ref, f"died ({type(e).__name__})"))
-                    continue
-                except RolloutEngineDead as e:  # a RayTaskError whose cause is the actor's RolloutEngineDead
-                    failed.append((ref, f"lost its vLLM ({getattr(e, 'cause', e)})"))
-                    continue
-                _, part, _ = pending.pop(ref)
-                yield part.start, rollouts
-            now = time.monotonic()
-            hung = [ref for ref, (_, _, deadline) in pending.items() if deadline <= now and ref not in ready]
-            for ref in hung:  # stop them now; a restart (this call's or a later one's) replaces them
-                timeout = f"a generate passed rollout.request_timeout_s={self.cfg.request_timeout_s:g}"
-                self.engines[pending[ref][0]].abort_engine.remote(timeout)
-            failed += [(ref, "hung") for ref in hung]
-            self._abandoned += hung
-            for ref, why in failed:
-                engine, part, _ = pending.pop(ref)
-                if budget <= 0:
-                    raise RolloutEngineError(
-                        f"rollout engine {engine} {why} serving groups {part.start}..{part.stop - 1}; "
-                        f"the restart budget (rollout.max_restarts={self.cfg.max_restarts}) is spent"
-                    )
-                budget -= 1
-                log.warning(
-                    "rollout engine %d %s; restarting it and retrying %d groups",
-                    engine,
-                    why,
-                    part.stop - part.start,
-                )
-                self.restart(engine)
-                submit(engine, part)
+                args = (groups[part], sampling, n, self.seed, self.cfg.prefill_first)
+                timeout_s = self.cfg.request_timeout_s
+                supervisor.submit("generate", *args, timeout_s=timeout_s, key=part, slot=engine)
+        try:
+            while supervisor.pending:
+                for call in supervisor.wait():
+                    part, failure = call.key, call.error
+                    if isinstance(failure, ActorFailure):
+                        raise RolloutEngineError(
+                            f"rollout engine {failure.slot} {failure.detail} serving groups {part.start}.."
+                            f"{part.stop - 1}; the restart budget "
+                            f"(rollout.max_restarts={self.cfg.max_restarts}) is spent"
+                        ) from failure
+                    if failure is not None:  # the request's own error
+                        raise failure
+                    yield part.start, call.result
+        finally:
+            supervisor.cancel()  # the other chunks of a failed (or abandoned) call
 
     # ---- health ----
 
@@ -201,67 +182,40 @@ class RolloutPool:
         `last_restart`). In place when `in_place` (default `rollout.restart_in_place`) and the actor can; else
         the actor is replaced. When weights were pushed, the new vLLM skips reading the checkpoint (vLLM's
         dummy load): the replay overwrites every weight anyway."""
-        start = time.perf_counter()
-        resync = self.sender is not None and self.version > 0
-        info, fallback = None, ""
-        if self.cfg.restart_in_place if in_place is None else in_place:
-            info, fallback = self._restart_in_place(engine, load_checkpoint=not resync)
-        kind = "in_place" if info is not None else "new_actor"
-        if info is not None:
-            ready = time.perf_counter()
-            split = {"stop": ready - start - info["start_seconds"], "start": info["start_seconds"]}
-        else:
-            if fallback:
-                log.warning(
-                    "rollout engine %d: no restart in place (%s); starting a new actor", engine, fallback
-                )
-            self._stop([self.engines[engine]])
-            stopped = time.perf_counter()
-            self.engines[engine] = self._spawn(engine, load_checkpoint=not resync)
-            info = ray.get(self.engines[engine].ready.remote())
-            ready = time.perf_counter()
-            split = {"stop": stopped - start, "start": ready - stopped}
-        self.engine_info[engine] = info
-        if resync and self.sender.replay([self.engines[engine]], self.engines) is None:
-            raise RuntimeError(  # never serve a dummy-initialised engine
-                f"rollout engine {engine} restarted without its checkpoint, but the weight sender had nothing "
-                f"to replay for version {self.version}"
-            )
-        if self.asleep:
-            ray.get(self.engines[engine].sleep.remote(self.cfg.sleep_level))
-        self.last_restart = EngineRestart(
-            kind=kind,
-            resync=time.perf_counter() - ready,
-            engine_start=info["start_seconds"],
-            fallback=fallback,
-            **split,
-        )
-        self.restarts += 1
-        self.restart_seconds.append(self.last_restart.seconds)
-        self._drain()  # an aborted call has returned by now when the restart was in place
+        self.supervisor.restart(engine, in_place)
         return self.last_restart.seconds
 
-    def _drain(self) -> None:
-        """Read the calls of aborted engines that have ended (their RolloutEngineDead, or a late result), so
-        Ray does not log them as unhandled errors when their references go."""
-        if not self._abandoned:
-            return
-        done, self._abandoned = ray.wait(self._abandoned, num_returns=len(self._abandoned), timeout=0)
-        for ref in done:
-            with contextlib.suppress(RayError):
-                ray.get(ref)
+    def _restarted(self, restart: SlotRestart) -> None:
+        """Before a restarted engine serves: replay the pool's weights to it (and put it to sleep when the pool
+        sleeps), then record where the restart's seconds went."""
+        began = time.perf_counter()
+        engine = self.engines[restart.slot]
+        if self._replays_weights and self.sender.replay([engine], self.engines) is None:
+            raise RuntimeError(  # never serve a dummy-initialised engine
+                f"rollout engine {restart.slot} restarted without its checkpoint, but the weight sender had "
+                f"nothing to replay for version {self.version}"
+            )
+        if self.asleep:
+            ray.get(engine.sleep.remote(self.cfg.sleep_level))
+        engine_start = restart.info["start_seconds"]
+        stop, start = restart.stop, restart.start
+        if restart.kind == "in_place":  # the in-place call stopped the old vLLM, then started the new one
+            stop, start = stop + start - engine_start, engine_start
+        resync = time.perf_counter() - began
+        self.last_restart = EngineRestart(restart.kind, stop, start, resync, engine_start, restart.fallback)
+        self.restart_seconds.append(self.last_restart.seconds)
 
-    def _restart_in_place(self, engine: int, load_checkpoint: bool) -> tuple[dict[str, Any] | None, str]:
+    def _restart_in_place(self, engine: Any) -> tuple[dict[str, Any] | None, str]:
         """Abort the engine's vLLM (its control thread answers even while a generate blocks the actor, and makes
         that generate return), then build a new vLLM in the actor (`restart_engine`, run after that generate).
         Returns (its `ready` info, "") or (None, why not)."""
-        handle, timeout = self.engines[engine], self.cfg.restart_in_place_timeout_s
+        timeout = self.cfg.restart_in_place_timeout_s
         try:
-            ray.get(handle.abort_engine.remote("restarted by the pool"), timeout=ENGINE_CLOSE_TIMEOUT_S)
-            return ray.get(handle.restart_engine.remote(load_checkpoint), timeout=timeout), ""
+            ray.get(engine.abort_engine.remote("restarted by the pool"), timeout=STOP_TIMEOUT_S)
+            return ray.get(engine.restart_engine.remote(not self._replays_weights), timeout=timeout), ""
         except GetTimeoutError:
             return None, (
-                f"no answer in time (abort_engine: {ENGINE_CLOSE_TIMEOUT_S:g} s, restart_engine: "
+                f"no answer in time (abort_engine: {STOP_TIMEOUT_S:g} s, restart_engine: "
                 f"rollout.restart_in_place_timeout_s={timeout:g})"
             )
         except RayActorError:
@@ -313,34 +267,8 @@ class RolloutPool:
         return states
 
     def shutdown(self) -> None:
-        self._stop(self.engines)
-        self.engines = []
-
-    @staticmethod
-    def _stop(engines: Sequence[Any]) -> None:
-        """Stop the engines' vLLM (`abort_engine`: a separate engine core's GPU memory is free when this
-        returns; a dead or stuck actor is not waited for beyond `ENGINE_CLOSE_TIMEOUT_S`), then kill their
-        actors."""
-        closing = [e.abort_engine.remote("stopped by the pool") for e in engines]
-        deadline = time.monotonic() + ENGINE_CLOSE_TIMEOUT_S
-        for ref in closing:
-            try:
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except RayError as e:  # dead (RayActorError), hung (GetTimeoutError) or failing: killed anyway
-                log.info("rollout engine not closed cleanly (%s); killing it", type(e).__name__)
-        for engine in engines:
-            ray.kill(engine, no_restart=True)
+        """Stop every engine's vLLM (bounded waits) and kill its actor."""
+        self.supervisor.shutdown()
 
 
-def _split(items: int, parts: int) -> list[slice]:
-    """`parts` contiguous slices of `items`, sizes differing by at most one."""
-    base, extra = divmod(items, parts)
-    slices, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        slices.append(slice(start, stop))
-        start = stop
-    return slices
-
-
-__all__ = ["EngineRestart", "RolloutPool", "SourceSender", "WeightSender"]
+__all__ = ["EngineRestart", "RolloutPool"]

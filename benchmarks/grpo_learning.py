@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -101,7 +102,8 @@ def sft_arguments(args: argparse.Namespace, folder: Path) -> list[str]:
 
 
 def grpo_config(args: argparse.Namespace, sft_dir: Path, out: Path) -> Any:
-    """The resolved config of the GRPO run and of both evaluations."""
+    """The resolved config of the GRPO run and (with the paper's reward weights, see `evaluation_config`) of
+    both evaluations."""
     from veason_ray.config_loading import load_config
 
     overrides = [
@@ -117,6 +119,16 @@ def grpo_config(args: argparse.Namespace, sft_dir: Path, out: Path) -> Any:
     if args.tiny:
         overrides += TINY_OVERRIDES
     return load_config(CONFIG, overrides + list(args.overrides))
+
+
+def evaluation_config(cfg: Any) -> Any:
+    """`cfg` with the paper's reward weights: runs trained with other weights (`reward.weights.consistency=0`)
+    are evaluated on the same terms, so their held-out rewards compare."""
+    from veason_ray.config import RewardConfig
+
+    evaluated = copy.deepcopy(cfg)
+    evaluated.reward.weights = RewardConfig().weights
+    return evaluated
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -168,8 +180,12 @@ def grpo_trend(metrics_path: Path, window: int = 5) -> dict[str, Any]:
     head, tail = rows[:window], rows[-window:]
     parts = ("total", "format", "keyframe", "spatial", "consistency", "parse_rate")
 
-    def mean(block: list[dict[str, Any]], key: str) -> float:
-        return sum(r[key] for r in block) / len(block)
+    def mean(block: list[dict[str, Any]], key: str) -> float | None:
+        """The mean of `key` over the block; None when the run did not score it (a term with weight 0)."""
+        values = [r[key] for r in block if key in r]
+        return sum(values) / len(values) if values else None
+
+    times = sorted(r["time/step_s"] for r in rows[1:] if "time/step_s" in r)  # step 1 warms up
 
     return {
         "steps": len(rows),
@@ -180,7 +196,9 @@ def grpo_trend(metrics_path: Path, window: int = 5) -> dict[str, Any]:
         },
         "train_reward_first": {p: mean(head, f"reward/{p}") for p in parts},
         "train_reward_last": {p: mean(tail, f"reward/{p}") for p in parts},
-        "kl_last": mean(tail, "learner/kl") if "learner/kl" in tail[0] else None,
+        "kl_last": mean(tail, "learner/kl"),
+        "step_seconds_median": times[len(times) // 2] if times else None,
+        "reward_wait_seconds_mean": mean(rows[1:], "time/reward_wait_s"),
     }
 
 
@@ -248,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
     cfg = grpo_config(args, sft_dir, out)
-    result["before"] = evaluate_once(cfg, out / "eval_before", "before GRPO")
+    result["before"] = evaluate_once(evaluation_config(cfg), out / "eval_before", "before GRPO")
     save()
     if args.stage == "sft":
         say(f"stage sft done; next: --stage grpo with the same --out ({out / RESULT_FILE})")
@@ -259,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(run["curves"]).exists():
         shutil.copy(run["curves"], out / "curves.png")
     save()
-    trained = copy.deepcopy(cfg)
+    trained = evaluation_config(cfg)
     trained.model.policy = run["policy"]
     result["after"] = evaluate_once(trained, out / "eval_after", "after GRPO")
     result["seeds"] = {
@@ -275,13 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     if trend:
         first, last = trend["train_reward_first"], trend["train_reward_last"]
         spread = trend["first_step"]
+        moved = ", ".join(
+            f"{part} {first[part]:.3f} -> {last[part]:.3f}"
+            for part in ("total", "format", "keyframe", "spatial", "consistency")
+            if first[part] is not None
+        )
         say(
-            f"training reward (temperature 1, mean of the first / last 5 of {trend['steps']} steps): total "
-            f"{first['total']:.3f} -> {last['total']:.3f}, format {first['format']:.3f} -> {last['format']:.3f}, "
-            f"keyframe {first['keyframe']:.3f} -> {last['keyframe']:.3f}, spatial {first['spatial']:.3f} -> "
-            f"{last['spatial']:.3f}, parse {first['parse_rate']:.0%} -> {last['parse_rate']:.0%}; first step: "
-            f"reward std in group {spread['std_in_group']:.3f}, {spread['zero_variance_groups']:.0f} of "
-            f"{spread['groups']:.0f} groups with equal rewards"
+            f"training reward (temperature 1, mean of the first / last 5 of {trend['steps']} steps): {moved}, "
+            f"parse {first['parse_rate']:.0%} -> {last['parse_rate']:.0%}; first step: reward std in group "
+            f"{spread['std_in_group']:.3f}, {spread['zero_variance_groups']:.0f} of {spread['groups']:.0f} "
+            f"groups with equal rewards; median step {trend['step_seconds_median'] or math.nan:.2f} s"
         )
         if spread["zero_variance_groups"] == spread["groups"]:
             say(

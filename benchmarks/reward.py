@@ -1,7 +1,7 @@
 """The SAM2 reward of one GRPO step: our pool against the release's way, in one run, same GPU, same weights.
 
 Step: `--groups` groups x `--answers` answers, `--frames` sampled frames at 560x560 each (synthetic moving
-discs, `veason_ray.models.reward_scenes`, every answer valid and distinct: no reuse of repeated answers).
+discs, `tests/reward_scenes.py`, every answer valid and distinct: no reuse of repeated answers).
 SAM2: random-init weights of `--config` (hiera-large by default), written once to a checkpoint file that the
 baseline and every reward actor load.
 
@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -42,10 +43,12 @@ from veason_ray.config import RewardConfig, SAM2Config  # noqa: E402
 from veason_ray.mask_propagation import MaskPropagator  # noqa: E402
 from veason_ray.models.group_scoring import GroupInput, score_groups  # noqa: E402
 from veason_ray.models.loading import load_sam2_video_predictor  # noqa: E402
-from veason_ray.models.reward_scenes import max_reward_difference, synthetic_group  # noqa: E402
 from veason_ray.models.sam2_group import PropagationRequest, SAM2GroupPropagator  # noqa: E402
 from veason_ray.models.sam2_propagator import SAM2MaskPropagator, track_boxes  # noqa: E402
-from veason_ray.rewards import score_response  # noqa: E402
+from veason_ray.reward_scoring import score_sample  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic reward scenes
+from reward_scenes import max_reward_difference, synthetic_group  # noqa: E402
 
 
 class ReleasePropagator(MaskPropagator):
@@ -74,15 +77,7 @@ class RecordingPropagator(MaskPropagator):
 
 
 def _score(group, rollout, frames, propagator):
-    s = group.sample
-    return score_response(
-        rollout.text,
-        frame_indices=s.frame_indices,
-        gt_masks=s.gt_masks_560,
-        gt_boxes=s.gt_boxes_560,
-        frames=frames,
-        propagator=propagator,
-    )
+    return score_sample(rollout.text, group.sample, frames=frames, propagator=propagator)
 
 
 def _sync() -> None:
@@ -256,8 +251,8 @@ def main() -> None:
             )
             results["pool_vs_plain_max_reward_difference"] = reference
     results["release_vs_pool_consistency_mean"] = [
-        float(np.mean([r.consistency for g in release_rewards for r in g])),
-        float(np.mean([s.reward.consistency for g in scored for s in g])),
+        float(np.mean([r.parts["consistency"] for g in release_rewards for r in g])),
+        float(np.mean([s.reward.parts["consistency"] for g in scored for s in g])),
     ]
 
     header = f"{'method':46} {'s/step':>8} {'samples/s':>10} {'frames/s':>9} {'speed-up':>9}"

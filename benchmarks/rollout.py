@@ -458,9 +458,9 @@ def sync_and_restart(
             f"{min(seconds):.3f} / {sorted(seconds)[len(seconds) // 2]:.3f}",
         )
         sync_phase_row(table, report)
-    if nccl:  # an NCCL group is rebuilt with a new actor, which this benchmark does not measure (issue 10)
+    if not transport.restart_in_place_supported:  # NCCL: a new actor regroups, not measured here (issue 10)
         table.log(
-            "NCCL transport: restarts not measured (an engine in an NCCL weight group restarts as a new actor)"
+            f"{report.transport} transport: restarts not measured (its engines restart as new actors only)"
         )
         return
     restart_both_ways(pool, table, groups, logs)

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ sys.path.insert(0, str(REPO))  # `benchmarks.*` when run as a script
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
+from actors.network import free_port  # noqa: E402
 from benchmarks.evaluate import say, write_models  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 
@@ -378,12 +378,6 @@ def build_config(
     return load_config(str(REPO / base), overrides + list(args.overrides))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(base: str, headers: dict, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -411,7 +405,7 @@ def started_app(args: argparse.Namespace, work: Path) -> Iterator[str]:
 
     policy, sam2, sam2_config = write_models(args, work)
     say(f"models written: {policy.name}, {sam2.name}")
-    cfg = build_config(args, policy, sam2, sam2_config, _free_port())
+    cfg = build_config(args, policy, sam2, sam2_config, free_port("127.0.0.1"))
     ray.init(
         num_cpus=cfg.placement.num_cpus or None,
         num_gpus=cfg.placement.num_gpus or None,

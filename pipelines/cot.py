@@ -1,4 +1,4 @@
-"""`veason cot CONFIG [key=value ...]`: chain-of-thought SFT records from a teacher VLM (method.md section 6).
+"""`veason cot CONFIG [key=value ...]`: chain-of-thought SFT records from a teacher VLM (docs/method.md section 6).
 
 Reads the expressions of `cot.meta` (a `veason sample` output) or of the whole split (`cot.split`, default
 `data.train_split`) under `data.root`, leaves out no-target expressions (type 2: no box to teach), builds each

@@ -32,8 +32,8 @@ from pipelines.console import open_console, say
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import config_to_dict, save_config
 from veason_ray.eval_summary import headline_subset
-from veason_ray.evaluation import REWARD_PARTS
 from veason_ray.object_store import is_s3_uri, join_uri
+from veason_ray.rewards import ordered_parts
 
 STAGE_MARKER = (
     "demo_stage.json"  # in each stage's folder: the settings' fingerprint, written when it finished
@@ -161,14 +161,17 @@ def evaluation_row(label: str, summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "label": label,
         "parse_rate": summary.get("parse_rate"),
-        **{part: summary["rewards"].get(part) for part in REWARD_PARTS},
+        **summary["rewards"],
         "jf": headline_subset(summary).get("jf"),
     }
 
 
 def learning_table(rows: list[dict[str, Any]], oracle: dict[str, Any] | None) -> str:
     """The held-out split before and after each stage, and what the ground-truth answers score."""
-    head = f"{'policy on the held-out split':30s} {'parsed':>7s} {'format':>7s} {'keyfr.':>7s} {'box':>7s} {'cons.':>7s} {'reward':>7s} {'J&F':>6s}"
+    parts = ordered_parts(key for row in rows for key in row if key not in ("label", "parse_rate", "jf"))
+    labels = {"keyframe": "keyfr.", "spatial": "box", "consistency": "cons.", "total": "reward"}
+    head = f"{'policy on the held-out split':30s} {'parsed':>7s}"
+    head += "".join(f" {labels.get(part, part)[:7]:>7s}" for part in parts) + f" {'J&F':>6s}"
     lines = [head]
 
     def number(value: float | None, spec: str) -> str:
@@ -177,7 +180,7 @@ def learning_table(rows: list[dict[str, Any]], oracle: dict[str, Any] | None) ->
     for row in rows + ([{"label": "ground-truth answers", "parse_rate": 1.0, **oracle}] if oracle else []):
         lines.append(
             f"{row['label']:30s} {number(row['parse_rate'] and 100 * row['parse_rate'], '6.1f')}%"
-            + "".join(f" {number(row.get(part), '7.3f')}" for part in REWARD_PARTS)
+            + "".join(f" {number(row.get(part), '7.3f')}" for part in parts)
             + f" {number(row.get('jf') and 100 * row['jf'], '6.1f')}"
         )
     return "\n".join(lines)

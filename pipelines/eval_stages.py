@@ -49,6 +49,7 @@ from veason_ray.inference import (
 )
 from veason_ray.metrics import score_expression
 from veason_ray.records import PromptGroup, Rollout, Sample
+from veason_ray.reward_rules import reward_rules
 from veason_ray.sample_building import read_ground_truth
 from veason_ray.video_decoding import BadDataError, SampleTimeoutError, frame_source, within_deadline
 
@@ -385,8 +386,9 @@ class MaskPredictor:
             )
             for k, (index, _) in enumerate(live)
         ]
+        rules = reward_rules(self.cfg.reward.rules)
         for (_, item), scored in zip(
-            live, score_groups(groups, self.propagator, self.cfg.reward.weights), strict=True
+            live, score_groups(groups, self.propagator, self.cfg.reward.weights, rules), strict=True
         ):
             item["rewards"] = reward_parts(scored[0].reward)
             item["consistency_error"] = scored[0].reward.consistency_error

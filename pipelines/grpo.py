@@ -147,7 +147,12 @@ class GRPODriver:
         log.info("placement: %s", self.placement.description)
         self.learner = LearnerGroup(cfg, policy, reference, scheduling=self.placement.learner)
         self.rollout = RolloutPool(
-            policy, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed, scheduling=self.placement.rollout
+            policy,
+            cfg.rollout,
+            dtype=cfg.model.dtype,
+            seed=cfg.run.seed,
+            scheduling=self.placement.rollout,
+            colocated=cfg.placement.mode == "colocated",
         )
         self.reward = SAM2RewardPool(
             cfg.reward, cfg.storage, cache_dir=cache, scheduling=self.placement.reward
@@ -290,7 +295,11 @@ class GRPODriver:
                 "weights/staleness_mean": sum(staleness) / len(staleness),
                 "rollout/generated_ahead": float(rollouts.ahead),
                 "data/epoch": float(self.state.epoch),
-                "rollout/restarts": float(self.rollout.restarts),
+                **{
+                    f"{name}/{count}": float(getattr(pool.supervisor, count))
+                    for name, pool in (("rollout", self.rollout), ("reward", self.reward))
+                    for count in ("restarts", "timeouts")
+                },
                 **(self.stats.as_metrics() if self.stats is not None else {}),
             }
         )

@@ -29,7 +29,7 @@ from typing import Any
 from pipelines.run_log import CURVES, METRICS_FILE, SFT_CURVE_FILE, SFT_SUMMARY_FILE
 from veason_ray.cot.records import read_jsonl
 from veason_ray.eval_summary import headline_subset
-from veason_ray.evaluation import REWARD_PARTS
+from veason_ray.rewards import ordered_parts
 
 SAMPLE_IMAGES = 6  # sample pictures shown, latest step first
 OVERLAY_STILLS = 8  # overlay stills shown per evaluation
@@ -85,8 +85,9 @@ def evaluation_table(evaluations: Sequence[tuple[str, Path]]) -> str:
     """One row per evaluation (its summary.json), then the ground-truth answers' row (the last evaluation that
     scored them); notes for the evaluations without a summary."""
     rows, notes, oracle = [], [], None
-    for label, folder in evaluations:
-        summary = _read_json(Path(folder) / "summary.json")
+    summaries = [(label, folder, _read_json(Path(folder) / "summary.json")) for label, folder in evaluations]
+    parts = ordered_parts(p for *_, s in summaries if isinstance(s, dict) for p in s.get("rewards") or {})
+    for label, folder, summary in summaries:
         if not isinstance(summary, dict):
             notes.append(f"{label}: no summary.json in {folder}")
             continue
@@ -97,15 +98,15 @@ def evaluation_table(evaluations: Sequence[tuple[str, Path]]) -> str:
             f"{summary.get('expressions', '-')} ({summary.get('failed', '-')})",
             _number(summary.get("parse_rate"), percent=True),
         ]
-        cells += [_number(rewards.get(part)) for part in REWARD_PARTS]
+        cells += [_number(rewards.get(part)) for part in parts]
         rows.append(_row(cells + [_number(main.get(key), percent=True) for key in ("j", "f", "jf")]))
         oracle = (label, summary["oracle"]) if summary.get("oracle") else oracle
     if oracle is not None:
         label, scores = oracle
         cells = [f"ground-truth answers (scored in {label})", "", "", "-"]
-        cells += [_number(scores.get(part)) for part in REWARD_PARTS]
+        cells += [_number(scores.get(part)) for part in parts]
         rows.append(_row([*cells, "-", "-", _number(scores.get("jf"), percent=True)], css_class="oracle"))
-    header = _row(["", "benchmark", "scored (failed)", "parse rate", *REWARD_PARTS, "J", "F", "J&F"], "th")
+    header = _row(["", "benchmark", "scored (failed)", "parse rate", *parts, "J", "F", "J&F"], "th")
     table = f'<table id="evaluations">{header}{"".join(rows)}</table>' if rows else ""
     return table + "".join(_note(n) for n in notes)
 

@@ -169,8 +169,7 @@ def draw_response(frames: np.ndarray, group: PromptGroup, scored: Scored, rank: 
     truth = "no target" if gt_keyframe is None else f"boxes on every frame, keyframe {gt_keyframe}s"
     r = scored.reward
     scores = (
-        f"reward {r.total:.2f} (format {r.format:.2f}, keyframe {r.keyframe:.2f}, "
-        f"spatial {r.spatial:.2f}, consistency {r.consistency:.2f})"
+        f"reward {r.total:.2f} (" + ", ".join(f"{name} {value:.2f}" for name, value in r.parts.items()) + ")"
     )
     caption = Caption(
         sample.record.expression,

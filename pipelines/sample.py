@@ -1,4 +1,4 @@
-"""`veason sample CONFIG [key=value ...]`: a stratified subset of the training expressions (method.md section 6).
+"""`veason sample CONFIG [key=value ...]`: a stratified subset of the training expressions (docs/method.md section 6).
 
 Reads `data.train_split` of `data.dataset` under `data.root`, selects `sample.target_size` expressions with
 :func:`veason_ray.stratified_sampling.stratified_sample` (seed `sample.seed`), and writes the selected

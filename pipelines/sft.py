@@ -1,4 +1,4 @@
-"""`veason sft CONFIG [key=value ...]`: CoT-SFT of the Qwen2.5-VL policy on `veason cot` records (method.md
+"""`veason sft CONFIG [key=value ...]`: CoT-SFT of the Qwen2.5-VL policy on `veason cot` records (docs/method.md
 section 6) with Ray Train + DeepSpeed; the LoRA-merged HF folder it exports is what GRPO starts from and uses
 as its reference model.
 

@@ -11,13 +11,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from actors.network import free_port
 from veason_ray.config import StorageConfig
 from veason_ray.synth.writer import write_synthetic_dataset
 
@@ -67,19 +67,13 @@ def synthetic_mevis(synthetic_revos: Path, tmp_path_factory: pytest.TempPathFact
     return as_mevis(synthetic_revos, tmp_path_factory.mktemp("synthetic_mevis"), "valid", "valid_u")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[StorageConfig]:
     """A moto S3 server on 127.0.0.1; yields the StorageConfig (endpoint, region, fake credentials)."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    port = _free_port()
+    port = free_port("127.0.0.1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import requests
 from process_groups import stop_process_group
+
+from actors.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-0123456789"
@@ -35,12 +36,6 @@ class ServeServer:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve_server(folder: Path, storage, timeout_s: float = 420.0):
     """Start `veason serve` (yields a ServeServer once /v1/health/ready answers 200; stops it afterwards)."""
     from veason_ray.models.tiny_qwen import write_tiny_qwen
@@ -48,7 +43,7 @@ def start_serve_server(folder: Path, storage, timeout_s: float = 420.0):
 
     policy = write_tiny_qwen(folder / "qwen2_5_vl_tiny", seed=0)
     sam2 = write_tiny_sam2(folder / "sam2_tiny")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     ray_dir = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # short: Ray's socket paths must stay < 108
     command = [
         sys.executable, "-m", "pipelines.cli", "serve", "tests/configs/small.yaml", f"model.policy={policy}",

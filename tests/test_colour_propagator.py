@@ -24,7 +24,7 @@ from veason_ray.models.group_scoring import GroupInput, score_groups
 from veason_ray.models.propagator_choice import build_mask_propagator
 from veason_ray.prompts import render_answer
 from veason_ray.records import ExpressionRecord, PromptGroup, Rollout, Sample
-from veason_ray.rewards import score_response
+from veason_ray.reward_scoring import score_response
 from veason_ray.synth.expressions import NO_TARGET
 from veason_ray.synth.world import Scene, WorldConfig
 from veason_ray.synth.writer import JPEG_QUALITY, simulate_video
@@ -244,7 +244,7 @@ def test_score_groups_gives_the_right_object_the_higher_consistency(cases):
     for item, scored in zip(items, score_groups(items, propagator), strict=True):
         right, wrong = (s.reward for s in scored)
         assert right.consistency_error is None and wrong.consistency_error is None
-        assert right.consistency > wrong.consistency
+        assert right.parts["consistency"] > wrong.parts["consistency"]
         assert right.total > wrong.total
         sample = item.group.sample
         alone = score_response(
@@ -283,4 +283,4 @@ def test_the_reward_worker_with_the_colour_propagator_loads_no_sam2(cases):
     right, wrong = worker.score(
         group, [Rollout(0, i, text, [], [], "stop", 0) for i, text in enumerate(texts)]
     )
-    assert right.reward.consistency > wrong.reward.consistency
+    assert right.reward.parts["consistency"] > wrong.reward.parts["consistency"]

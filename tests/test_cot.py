@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from actors.network import free_port
 from pipelines.cli import main as veason
 from veason_ray.answer_parsing import ParsedAnswer, parse_answer
 from veason_ray.boxes import ground_truth_boxes_560
@@ -254,19 +254,13 @@ SERVER_ENV = {
 SERVED_MODEL = "tiny-teacher"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """vLLM's own OpenAI server with the tiny random Qwen2.5-VL on 127.0.0.1; yields its /v1 base URL."""
     from veason_ray.models.tiny_qwen import write_tiny_qwen
 
     model = write_tiny_qwen(tmp_path_factory.mktemp("teacher") / "qwen2_5_vl_tiny", seed=0)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     log = tmp_path_factory.mktemp("teacher_log") / "server.log"
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -315,7 +309,7 @@ class FaultProxy:
         self.log: list[tuple[float, int, str]] = []
         self.loop = asyncio.new_event_loop()
         self.release = asyncio.Event()
-        self.port = _free_port()
+        self.port = free_port("127.0.0.1")
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)

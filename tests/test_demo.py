@@ -1,9 +1,10 @@
 """The README's first command, end to end: `veason demo` on a local Ray cluster with the embedded default.
 
-The default suite runs it shrunk (few videos, steps and expressions): every stage's outputs, a console with no
-library line, the report, and a second run that reuses every stage. The slow test runs configs/demo.yaml as
-`make demo` does and asserts what it is for: the parse rate after CoT-SFT >= 90% and the mean reward after
-GRPO above the SFT policy's, on the held-out split, with the seed fixed.
+A shrunk run (few videos, steps and expressions; slow-marked, as the stages' own tests cover each stage by default):
+every stage's outputs, a console with no library line, the report, and a second run that reuses every stage. The
+slow test `test_demo_learns_the_format_then_more_reward` runs configs/demo.yaml as `make demo` does and asserts
+what it is for: the parse rate after CoT-SFT >= 90% and the mean reward after GRPO above the SFT policy's, on the
+held-out split, with the seed fixed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SMALL = (
 )  # fmt: skip
 
 
+@pytest.mark.slow  # ~250 s on CI's 2 cores: each stage's own tests run by default, this joins them
 def test_demo_runs_every_stage_quietly_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
     done = run_demo(out, *SMALL)
@@ -79,7 +81,12 @@ def test_demo_runs_every_stage_quietly_and_reuses_them(tmp_path):
     assert len({still.name.rsplit("__", 1)[0] for still in stills}) == min(2, len(with_target))
     summary = json.loads((out / "demo_summary.json").read_text())
     assert [row["label"] for row in summary["rows"]] == ["random init", "after CoT-SFT", "after GRPO"]
-    assert summary["oracle"]["total"] > 3.0  # the ground-truth answers through the colour tracker
+    # the ground-truth answers through the colour tracker score near the maximum 5 where there is a target; under
+    # the default reward.rules=release an empty box list (the no-target answer) scores the format tags' 1 only
+    assert summary["oracle"] is not None
+    totals = [(r["type_id"] == 2, r["extra"]["oracle"]["rewards"]["total"]) for r in results]
+    assert all(total == 1.0 for no_target, total in totals if no_target)
+    assert min(total for no_target, total in totals if not no_target) > 4.5
     assert "report.html" in done.stdout and (out / "report.html").stat().st_size > 10_000
     assert "veason infer" in done.stdout and "veason serve" in done.stdout
     # a second run with the same settings reuses every stage

@@ -93,7 +93,7 @@ def test_ground_truth_answers_and_masks(
         read_back = np.stack([read_mask_png((gt_folder / f"{n}.png").read_bytes()) for n in info.frame_names])
         perfect = score_expression(read_back, gt, record.type_id, dataset.foreground(record.video))
         assert perfect.j == 1.0 and perfect.f == 1.0 and perfect.r_corrected == 1.0
-        # an all-empty prediction: J = F = the share of frames where the target is absent (method.md sec. 7)
+        # an all-empty prediction: J = F = the share of frames where the target is absent (docs/method.md sec. 7)
         empty = score_expression(np.zeros_like(gt), gt, record.type_id)
         absent = float(np.mean(~gt.reshape(len(gt), -1).any(axis=1)))
         assert empty.j == pytest.approx(absent) and empty.f == pytest.approx(absent)

@@ -154,6 +154,23 @@ def test_accepts_numpy_uint8_torch_and_negative_strides(reference):
         j_and_f_per_frame(pred, gt[:, :-1])
 
 
+def test_flipped_views_that_numpy_calls_contiguous_score_as_their_copies(reference):
+    """A negative stride on a length-1 axis (one frame flipped in time, one row flipped upside down) keeps
+    numpy's contiguity flag, which once let the view through to torch and raised ValueError."""
+    rng = np.random.default_rng(5)
+    pred, gt = reference.synthetic_video(rng, 1, 40, 70)
+    for view in (pred[::-1], pred[:, :1][:, ::-1], pred[..., ::-1], pred[:, ::-1]):
+        truth = gt[:, : view.shape[1]]
+        j, f = j_and_f_per_frame(view, truth)
+        j_copy, f_copy = j_and_f_per_frame(view.copy(), truth)
+        assert torch.equal(j, j_copy) and torch.equal(f, f_copy)
+        assert torch.equal(jaccard_per_frame(view, truth), jaccard_per_frame(view.copy(), truth))
+    one_frame = pred[::-1]
+    assert one_frame.flags.c_contiguous and one_frame.strides[0] < 0  # the case that raised
+    score = score_expression(one_frame, gt, foreground=gt)
+    assert score.j == score_expression(pred, gt, foreground=gt).j
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_cpu(reference):
     rng = np.random.default_rng(11)

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import requests
 from conftest import create_bucket
 from process_groups import stop_process_group
 
+from actors.network import free_port
 from veason_ray.config import StorageConfig
 from veason_ray.config_loading import load_config
 from veason_ray.evaluation import ExpressionResult
@@ -46,18 +46,12 @@ def readme_job_commands() -> dict[str, str]:
     return {re.search(r" -- veason (\w+) ", c).group(1): " ".join(c.split()) for c in commands}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head() -> Iterator[str]:
     """`ray start --head --block` in its own process group and temp folder (other tests' clusters untouched);
     yields the dashboard address; the whole group is stopped afterwards, also on failure."""
     temp = Path(tempfile.mkdtemp(prefix="vj-", dir="/tmp"))  # short: Ray's socket paths must stay < 108
-    dashboard = _free_port()
+    dashboard = free_port("127.0.0.1")
     env = {
         **os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1",
         "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -65,7 +59,7 @@ def ray_head() -> Iterator[str]:
     }  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "8", "--port", str(_free_port()),
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "8", "--port", str(free_port("127.0.0.1")),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp),
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -1,5 +1,5 @@
-"""Fuzz: 10,000+ random and mutated answers through the parser and the whole reward. Every total lies in
-[0, 5], every part in its range, and nothing raises."""
+"""Fuzz: 10,000+ random and mutated answers through the parser and every reward term, under both reward
+rules. Every total lies within the weighted sum of its terms' bounds, every term in its range, nothing raises."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 
 from veason_ray.answer_parsing import ParsedAnswer, parse_answer
 from veason_ray.mask_propagation import MaskPropagator
-from veason_ray.rewards import score_response
+from veason_ray.reward_rules import PRESETS
+from veason_ray.reward_scoring import score_response
+from veason_ray.rewards import REWARD_TERMS
 
 FRAME_INDICES = (0, 7, 14, 21, 28, 35)
 CASES = 10_500
@@ -152,8 +154,11 @@ def test_fuzz_rewards_stay_in_range_and_never_raise():
     propagator = ChaosPropagator(rng)
     start = time.perf_counter()
     parsed_count = scored = 0
-    for response in _responses(rng, gt_boxes):
-        parsed = parse_answer(response)
+    weights = {name: 1.0 for name in REWARD_TERMS}  # every term scored
+    presets = list(PRESETS.values())
+    for index, response in enumerate(_responses(rng, gt_boxes)):
+        rules = presets[index % len(presets)]
+        parsed = parse_answer(response, rules)
         parsed_count += isinstance(parsed, ParsedAnswer)
         result = score_response(
             response,
@@ -162,16 +167,16 @@ def test_fuzz_rewards_stay_in_range_and_never_raise():
             gt_boxes=gt_boxes,
             frames=frames,
             propagator=propagator,
+            weights=weights,
+            rules=rules,
         )
-        parts = (result.format, result.keyframe, result.spatial, result.consistency)
-        assert all(math.isfinite(part) for part in parts), (response, result)
-        assert 0.0 <= result.format <= 2.0 and all(0.0 <= part <= 1.0 for part in parts[1:]), (
-            response,
-            result,
-        )
-        assert 0.0 <= result.total <= 5.0 and math.isclose(result.total, sum(parts)), (response, result)
+        assert list(result.parts) == list(REWARD_TERMS), (response, result)
+        for name, value in result.parts.items():
+            low, high = REWARD_TERMS[name].bounds
+            assert math.isfinite(value) and low <= value <= high, (name, response, result)
+        assert math.isclose(result.total, sum(result.parts.values())), (response, result)
         if result.parse_failure is not None:
-            assert parts[1:] == (0.0, 0.0, 0.0)
+            assert all(v == 0.0 for name, v in result.parts.items() if name != "format"), (response, result)
         scored += 1
     assert scored >= 10_000
     assert 0.2 * scored < parsed_count < 0.95 * scored  # the mutations reach both sides of the parser

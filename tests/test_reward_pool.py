@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from reward_scenes import max_reward_difference, synthetic_group
 
 from actors.reward import SAM2RewardPool, SAM2RewardWorker
 from veason_ray.config import RewardConfig, SAM2Config
 from veason_ray.models.loading import load_sam2_video_predictor
-from veason_ray.models.reward_scenes import max_reward_difference, synthetic_group
 from veason_ray.models.sam2_propagator import SAM2MaskPropagator
 from veason_ray.models.tiny_sam2 import write_tiny_sam2
-from veason_ray.rewards import score_response
+from veason_ray.reward_scoring import score_response
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -106,7 +106,7 @@ def test_pooled_rewards_equal_the_method_core(pool, scene):
         assert [s.rollout for s in got] == rollouts
         assert max_reward_difference([s.reward for s in got], want) <= 1e-4  # batched SAM2: rounding only
         assert all(s.notes["reward_attempts"] == 1 and "reward_failure" not in s.notes for s in got)
-    assert any(s.reward.consistency > 0 for got in scored for s in got)
+    assert any(s.reward.parts["consistency"] > 0 for got in scored for s in got)
 
 
 def test_killing_an_actor_mid_batch_still_yields_every_reward(pool, scene):
@@ -162,12 +162,10 @@ def test_a_group_that_keeps_failing_gets_consistency_zero_with_the_reason(local_
         pool.shutdown()
     for s, want in zip(scored, expected[1], strict=True):
         assert s.notes["reward_attempts"] == 2 and "reward actor died" in s.notes["reward_failure"]
-        assert (s.reward.format, s.reward.keyframe, s.reward.spatial) == (
-            want.format,
-            want.keyframe,
-            want.spatial,
-        )
-        assert s.reward.consistency == 0.0
+        assert {k: v for k, v in s.reward.parts.items() if k != "consistency"} == {
+            k: v for k, v in want.parts.items() if k != "consistency"
+        }
+        assert s.reward.parts["consistency"] == 0.0
         if want.consistency_error is None and want.matched_pairs:  # SAM2 was needed: the reason is given
             assert s.reward.consistency_error.startswith("reward pool gave up after 2 attempts")
 
@@ -185,3 +183,29 @@ def test_a_hung_actor_is_restarted_and_its_group_retried(local_ray, sam2_dir, sc
     assert all(s.notes["reward_attempts"] == 2 for s in scored)
     assert max_reward_difference([s.reward for s in scored], expected[0]) <= 1e-4
     assert np.isfinite([s.reward.total for s in scored]).all()
+
+
+def test_consistency_off_loads_no_sam2(local_ray, sam2_dir):
+    """`reward.weights.consistency=0`: the actors never build a mask propagator, never import sam2, and the
+    groups still get format, keyframe and spatial exactly as the method core gives them."""
+    groups = _groups(2)
+    pool = SAM2RewardPool(_cfg(sam2_dir, actors=1, weights={"consistency": 0.0}))
+    try:
+        scored = pool.score([g for g, _ in groups], [r for _, r in groups])
+        actor = pool.actors[0]
+        propagator, imported = ray.get(
+            actor.__ray_call__.remote(lambda worker: (worker.propagator, "sam2" in sys.modules)), timeout=60
+        )
+    finally:
+        pool.shutdown()
+    assert propagator is None and imported is False
+    for (group, rollouts), got in zip(groups, scored, strict=True):
+        for rollout, s in zip(rollouts, got, strict=True):
+            want = score_response(
+                rollout.text,
+                frame_indices=group.sample.frame_indices,
+                gt_masks=group.sample.gt_masks_560,
+                gt_boxes=group.sample.gt_boxes_560,
+                weights={"consistency": 0.0},
+            )
+            assert s.reward == want and "consistency" not in s.reward.parts

@@ -1,4 +1,5 @@
-"""Every reward part with hand-worked numbers, its empty / degenerate cases, and score_response."""
+"""Every reward part with hand-worked numbers, its empty / degenerate cases, and score_response (the release's
+rules unless a test says otherwise; tests/test_reward_rules.py holds what each rule changes)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,9 @@ import pytest
 
 from veason_ray.answer_parsing import ParseFailureReason, parse_answer
 from veason_ray.mask_propagation import MaskPropagator
-from veason_ray.rewards import (
-    RewardWeights,
-    consistency_reward,
-    format_reward,
-    keyframe_reward,
-    score_response,
-    spatial_reward,
-)
+from veason_ray.reward_rules import STRICT_RULES
+from veason_ray.reward_scoring import score_response
+from veason_ray.rewards import format_reward, keyframe_reward, mask_consistency, spatial_reward
 
 FRAME_INDICES = (0, 5, 10, 15)
 
@@ -126,7 +122,7 @@ def test_spatial_reward_placeholders_and_cap():
 
 
 # ---- consistency ----------------------------------------------------------------------------------------
-def test_consistency_reward_hand_worked():
+def test_mask_consistency_hand_worked():
     gt = np.zeros((3, 4, 4), dtype=bool)
     gt[0, 0, :2] = True
     gt[1, 0, :4] = True
@@ -134,30 +130,55 @@ def test_consistency_reward_hand_worked():
     pred[0, 0, :2] = True  # IoU 1
     pred[1, 0, :2] = True  # IoU 2 / 4
     # frame 2: both empty -> 1
-    propagator = FixedPropagator(pred)
-    frames = np.zeros((3, 4, 4, 3), dtype=np.uint8)
-    boxes = np.array([[0, 0, 1, 0]], dtype=np.float64)
-    assert consistency_reward(propagator, frames, 1, boxes, gt) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert mask_consistency(pred, gt) == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_consistency_sends_the_matched_boxes_as_float32_from_the_keyframe():
+    gt_masks, gt_boxes, frames = _scene()
+    propagator = FixedPropagator(gt_masks)
+    result = score_response(
+        _response(5, [[100, 100, 109, 109]]),
+        frame_indices=FRAME_INDICES,
+        gt_masks=gt_masks,
+        gt_boxes=gt_boxes,
+        frames=frames,
+        propagator=propagator,
+    )
     position, sent = propagator.calls[0]
-    assert position == 1 and sent.dtype == np.float32 and sent.shape == (1, 4)
+    assert position == 1 and sent.dtype == np.float32 and sent.tolist() == [[100, 100, 109, 109]]
+    assert result.parts["consistency"] == 1.0
 
 
 def test_consistency_without_boxes_does_not_call_the_propagator():
-    gt = np.zeros((2, 4, 4), dtype=bool)
-    gt[0, 1, 1] = True
-    propagator = FixedPropagator(np.ones((2, 4, 4), dtype=bool))
-    frames = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    assert consistency_reward(propagator, frames, 0, np.zeros((0, 4)), gt) == 0.5  # empty vs empty on frame 1
-    assert propagator.calls == []
+    gt_masks, gt_boxes, frames = _scene()
+    propagator = FixedPropagator(np.ones((4, 560, 560), dtype=bool))
+    result = score_response(
+        _response(5, []),
+        frame_indices=FRAME_INDICES,
+        gt_masks=gt_masks,
+        gt_boxes=gt_boxes,
+        frames=frames,
+        propagator=propagator,
+        rules=STRICT_RULES,  # the release scores an empty list 0 (test_reward_rules.py)
+    )
+    assert result.parts["consistency"] == 0.25 and propagator.calls == []  # empty vs empty on frame 0
 
 
 def test_consistency_resizes_propagated_masks_to_the_gt_size():
-    gt = np.ones((1, 8, 8), dtype=bool)
-    propagator = FixedPropagator(np.ones((1, 4, 4), dtype=bool))
-    frames = np.zeros((1, 4, 4, 3), dtype=np.uint8)
-    assert consistency_reward(propagator, frames, 0, np.array([[0, 0, 3, 3]]), gt) == 1.0
+    assert mask_consistency(np.ones((1, 4, 4), dtype=bool), np.ones((1, 8, 8), dtype=bool)) == 1.0
     with pytest.raises(ValueError):
-        consistency_reward(FixedPropagator(np.ones((2, 4, 4))), frames, 0, np.array([[0, 0, 3, 3]]), gt)
+        mask_consistency(np.ones((2, 4, 4)), np.ones((1, 8, 8), dtype=bool))
+    gt_masks, gt_boxes, frames = _scene()
+    wrong = score_response(
+        _response(5, [[100, 100, 109, 109]]),
+        frame_indices=FRAME_INDICES,
+        gt_masks=gt_masks,
+        gt_boxes=gt_boxes,
+        frames=frames,
+        propagator=FixedPropagator(np.ones((2, 560, 560), dtype=bool)),
+    )
+    assert wrong.parts["consistency"] == 0.0 and wrong.consistency_error.startswith("ValueError")
+    assert wrong.parts["spatial"] == 1.0
 
 
 # ---- total ----------------------------------------------------------------------------------------------
@@ -173,15 +194,15 @@ def test_perfect_answer_scores_five():
     )
     # Keyframe: all three non-empty frames have the largest area. Consistency: frame 0 has no GT but the
     # static tracker paints it -> IoU 0 there, 1 elsewhere.
-    assert (result.format, result.keyframe, result.spatial) == (2.0, 1.0, 1.0)
-    assert result.consistency == 0.75 and result.total == 4.75
+    assert (result.parts["format"], result.parts["keyframe"], result.parts["spatial"]) == (2.0, 1.0, 1.0)
+    assert result.parts["consistency"] == 0.75 and result.total == 4.75
     assert result.parse_failure is None and result.consistency_error is None
     assert result.matched_pairs == ((0, 0),)
 
 
 def test_weights_scale_the_parts():
     gt_masks, gt_boxes, frames = _scene()
-    weights = RewardWeights(format=0.5, keyframe=2.0, spatial=0.0, consistency=4.0)
+    weights = {"format": 0.5, "keyframe": 2.0, "spatial": 0.0, "consistency": 4.0}
     result = score_response(
         _response(5, [[100, 100, 109, 109]]),
         frame_indices=FRAME_INDICES,
@@ -191,7 +212,8 @@ def test_weights_scale_the_parts():
         propagator=BoxPropagator(),
         weights=weights,
     )
-    assert result.total == pytest.approx(0.5 * 2 + 2 * 1 + 0 * 1 + 4 * 0.75)
+    assert result.total == pytest.approx(0.5 * 2 + 2 * 1 + 4 * 0.75)
+    assert "spatial" not in result.parts  # weight 0: the term is not scored
 
 
 def test_parse_failure_scores_format_only():
@@ -205,13 +227,7 @@ def test_parse_failure_scores_format_only():
         frames=frames,
         propagator=propagator,
     )
-    assert (result.format, result.keyframe, result.spatial, result.consistency, result.total) == (
-        1,
-        0,
-        0,
-        0,
-        1,
-    )
+    assert result.parts == {"format": 1, "keyframe": 0, "spatial": 0, "consistency": 0} and result.total == 1
     assert result.parse_failure == ParseFailureReason.INVALID_JSON and propagator.calls == []
 
 
@@ -225,7 +241,12 @@ def test_keyframe_not_sampled_scores_format_only():
         frames=frames,
         propagator=BoxPropagator(),
     )
-    assert (result.keyframe, result.spatial, result.consistency, result.total) == (0, 0, 0, 2.0)
+    assert (result.parts["keyframe"], result.parts["spatial"], result.parts["consistency"], result.total) == (
+        0,
+        0,
+        0,
+        2.0,
+    )
 
 
 def test_propagator_failure_keeps_spatial():
@@ -238,7 +259,7 @@ def test_propagator_failure_keeps_spatial():
         frames=frames,
         propagator=FailingPropagator(),
     )
-    assert (result.spatial, result.consistency, result.total) == (1.0, 0.0, 4.0)
+    assert (result.parts["spatial"], result.parts["consistency"], result.total) == (1.0, 0.0, 4.0)
     assert result.consistency_error == "RuntimeError: CUDA out of memory"
     missing = score_response(
         _response(10, [[100, 100, 109, 109]]),
@@ -246,7 +267,7 @@ def test_propagator_failure_keeps_spatial():
         gt_masks=gt_masks,
         gt_boxes=gt_boxes,
     )
-    assert missing.consistency == 0.0 and missing.consistency_error == "no mask propagator"
+    assert missing.parts["consistency"] == 0.0 and missing.consistency_error == "no mask propagator"
 
 
 def test_only_matched_proper_boxes_scaled_to_the_frames_reach_the_propagator():
@@ -262,11 +283,11 @@ def test_only_matched_proper_boxes_scaled_to_the_frames_reach_the_propagator():
         frames=small_frames,
         propagator=propagator,
     )
-    assert result.matched_pairs == ((1, 0),) and result.spatial == pytest.approx(1 / 3)
+    assert result.matched_pairs == ((1, 0),) and result.parts["spatial"] == pytest.approx(1 / 3)
     position, sent = propagator.calls[0]
     assert position == 3 and sent.tolist() == [[10.0, 10.0, pytest.approx(10.9), pytest.approx(10.9)]]
-    assert result.consistency == 0.25  # empty prediction: only frame 0 (no GT) agrees
-    # An inverted box is not a box: matched (IoU 0) but never a SAM2 object.
+    assert result.parts["consistency"] == 0.25  # empty prediction: only frame 0 (no GT) agrees
+    # Under the strict rules an inverted box is not a box: matched (IoU 0) but never a SAM2 object.
     propagator.calls.clear()
     inverted = score_response(
         _response(15, [[109, 109, 100, 100]]),
@@ -275,8 +296,9 @@ def test_only_matched_proper_boxes_scaled_to_the_frames_reach_the_propagator():
         gt_boxes=gt_boxes,
         frames=small_frames,
         propagator=propagator,
+        rules=STRICT_RULES,
     )
-    assert inverted.matched_pairs == ((0, 0),) and inverted.spatial == 0.0 and propagator.calls == []
+    assert inverted.matched_pairs == ((0, 0),) and inverted.parts["spatial"] == 0.0 and propagator.calls == []
 
 
 def test_no_target_frame_rewards_the_placeholder_box():
@@ -292,4 +314,9 @@ def test_no_target_frame_rewards_the_placeholder_box():
         propagator=FixedPropagator(np.zeros((4, 560, 560), dtype=bool)),
     )
     # Keyframe 0 (no GT anywhere), spatial 1 (placeholder matches), consistency 1 (empty vs empty).
-    assert (result.keyframe, result.spatial, result.consistency, result.total) == (0.0, 1.0, 1.0, 4.0)
+    assert (result.parts["keyframe"], result.parts["spatial"], result.parts["consistency"], result.total) == (
+        0.0,
+        1.0,
+        1.0,
+        4.0,
+    )

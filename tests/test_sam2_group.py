@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reward_scenes import max_reward_difference, synthetic_group
 
 from veason_ray.models.group_scoring import GroupInput, score_groups
 from veason_ray.models.loading import load_sam2_video_predictor
-from veason_ray.models.reward_scenes import max_reward_difference, synthetic_group
 from veason_ray.models.sam2_group import PropagationRequest, SAM2GroupPropagator
 from veason_ray.models.sam2_propagator import SAM2MaskPropagator
 from veason_ray.models.tiny_sam2 import write_tiny_sam2
-from veason_ray.rewards import score_response
+from veason_ray.reward_scoring import score_response
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # sam2's hole filling without its CUDA op
 
@@ -127,9 +127,9 @@ def test_score_groups_equals_score_response(predictor):
         assert [s.reward for s in got_exact] == want  # identical
         assert max_reward_difference([s.reward for s in got_batched], want) <= 1e-4  # rounding (test above)
     rewards = [s.reward for s in exact[0]]
-    assert rewards[1].parse_failure is not None and rewards[2].keyframe == 0.0
+    assert rewards[1].parse_failure is not None and rewards[2].parts["keyframe"] == 0.0
     assert rewards[4] == rewards[0]
-    assert any(r.consistency > 0 for r in rewards)
+    assert any(r.parts["consistency"] > 0 for r in rewards)
 
 
 def test_a_failing_batch_is_retried_request_by_request(predictor, monkeypatch):
@@ -150,7 +150,7 @@ def test_a_failing_batch_is_retried_request_by_request(predictor, monkeypatch):
     ]
     for s, position in zip(scored, positions, strict=True):
         if position == 0:
-            assert s.reward.consistency == 0.0 and "CUDA out of memory" in s.reward.consistency_error
+            assert s.reward.parts["consistency"] == 0.0 and "CUDA out of memory" in s.reward.consistency_error
         else:
             assert s.reward.consistency_error is None
 

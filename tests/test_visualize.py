@@ -18,7 +18,7 @@ from veason_ray.eval_overlays import pick_worst
 from veason_ray.evaluation import ExpressionResult
 from veason_ray.prompts import render_answer
 from veason_ray.records import PromptGroup, Rollout, Scored
-from veason_ray.rewards import RewardBreakdown
+from veason_ray.reward_scoring import RewardBreakdown
 from veason_ray.visualize import (
     BAND_BACKGROUND,
     BOX_COLOUR,
@@ -197,7 +197,7 @@ def scored_group(totals: list[float]) -> tuple[PromptGroup, list[Scored]]:
     scored = []
     for index, total in enumerate(totals):
         text = render_answer("t", 3, [[10.0 * index, 10.0, 50.0, 50.0]])
-        reward = RewardBreakdown(2.0, 1.0, total / 4, total / 4, total)
+        reward = RewardBreakdown({"format": 2.0, "keyframe": 1.0, "spatial": total / 4}, total)
         scored.append(Scored(Rollout(group.group_id, index, text, [], [], "stop", 0), reward))
     return group, scored
 

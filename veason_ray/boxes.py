@@ -73,21 +73,26 @@ def clip_boxes_560(boxes: np.ndarray | list) -> np.ndarray:
     return np.clip(_as_boxes(boxes), 0.0, float(FRAME_SIZE))
 
 
-def box_iou_matrix(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray:
+def box_iou_matrix(pred: np.ndarray | list, gt: np.ndarray | list, clip: bool = True) -> np.ndarray:
     """IoU (M, N) between boxes in 560 space with the +1 pixel convention.
 
-    Predicted boxes are clipped to [0, 560] first. A box with x2 < x1 or y2 < y1 (after clipping) is not a box:
-    its IoU with everything is 0. Proper boxes have area >= 1, so the union is never 0.
+    clip (our rules): predicted boxes are clipped to [0, 560] first, and a box with x2 < x1 or y2 < y1 (after
+    clipping) is not a box: its IoU with everything is 0; proper boxes have area >= 1, so the union is never 0.
+    Without clip (the release's rules): the raw coordinates' arithmetic, whatever it gives (an inverted box has
+    a negative width; a zero union gives NaN or infinity).
     """
-    pred_boxes, gt_boxes = clip_boxes_560(pred), _as_boxes(gt)
+    pred_boxes, gt_boxes = (clip_boxes_560(pred) if clip else _as_boxes(pred)), _as_boxes(gt)
     if len(pred_boxes) == 0 or len(gt_boxes) == 0:
         return np.zeros((len(pred_boxes), len(gt_boxes)))
     p, g = pred_boxes[:, None, :], gt_boxes[None, :, :]
-    inter_w = np.clip(np.minimum(p[..., 2], g[..., 2]) - np.maximum(p[..., 0], g[..., 0]) + 1, 0, None)
-    inter_h = np.clip(np.minimum(p[..., 3], g[..., 3]) - np.maximum(p[..., 1], g[..., 1]) + 1, 0, None)
-    inter = inter_w * inter_h
-    pred_area = (p[..., 2] - p[..., 0] + 1) * (p[..., 3] - p[..., 1] + 1)
-    gt_area = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
+    with np.errstate(all="ignore"):  # raw coordinates may be infinite; proper ones never warn
+        inter_w = np.clip(np.minimum(p[..., 2], g[..., 2]) - np.maximum(p[..., 0], g[..., 0]) + 1, 0, None)
+        inter_h = np.clip(np.minimum(p[..., 3], g[..., 3]) - np.maximum(p[..., 1], g[..., 1]) + 1, 0, None)
+        inter = inter_w * inter_h
+        pred_area = (p[..., 2] - p[..., 0] + 1) * (p[..., 3] - p[..., 1] + 1)
+        gt_area = (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1)
+        if not clip:
+            return inter / (pred_area + gt_area - inter)
     proper = (
         (p[..., 2] >= p[..., 0])
         & (p[..., 3] >= p[..., 1])

@@ -3,7 +3,7 @@
 Every program (synth, demo, grpo, eval, serve, ...) reads a `VeasonConfig`: defaults below, then a YAML file
 from `configs/` (which may name a `_base_` file it extends), then dotted command-line overrides such as
 `rollout.n=8 learner.lr=1e-6`. Loading and validation live in `config_loading.py`; this file only says what
-exists, its type, its default and its unit. Defaults are the paper's (method.md sections 3-5) unless marked.
+exists, its type, its default and its unit. Defaults are the paper's (docs/method.md sections 3-5) unless marked.
 """
 
 from __future__ import annotations
@@ -194,14 +194,17 @@ class RolloutConfig:
         default=0.25, metadata=within(0, 1, low_open=True)
     )  # release: 25% with sleep mode, colocated
     n: int = field(default=8, metadata=ge(1))  # responses per prompt (the GRPO group size)
-    max_prompt_tokens: int = field(default=7100, metadata=ge(1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sleep_level: int = field(default=2, metadata=within(1, 2))
     weight_bucket_mb: int = field(default=1024, metadata=ge(1))
     request_timeout_s: float = field(default=600.0, metadata=gt(0))
-    # vLLM rollout pool (actors/rollout.py, actors/weight_sync.py)
+    # vLLM rollout pool (actors/rollout.py, actors/weight_sync/)
     # auto: with CUDA, ipc when colocated and nccl when disaggregated; reload on CPU
     weight_transport: Literal["auto", "ipc", "nccl", "reload"] = "auto"
+    # seconds one weight push (or a restarted engine's replay) may take in all: every engine call, NCCL
+    # rendezvous and broadcast in it waits at most what is left, then it fails with WeightSyncTimeout naming the
+    # engines that did not answer (a hung NCCL broadcast otherwise blocks forever)
+    weight_sync_timeout_s: float = field(default=300.0, metadata=gt(0))
     wake_order: list[str] = field(
         default_factory=lambda: ["weights", "kv_cache"]
     )  # weights synced in between
@@ -231,16 +234,6 @@ class RolloutConfig:
     seed_requests: bool = False
 
 
-@dataclass(frozen=True)
-class RewardWeights:
-    """Weight of each reward part in the total (the paper: all 1, so the total lies in [0, 5])."""
-
-    format: float = field(default=1.0, metadata=ge(0))
-    keyframe: float = field(default=1.0, metadata=ge(0))
-    spatial: float = field(default=1.0, metadata=ge(0))
-    consistency: float = field(default=1.0, metadata=ge(0))
-
-
 @dataclass
 class SAM2Config:
     """The frozen SAM2 that turns boxes into propagated masks."""
@@ -257,8 +250,16 @@ class SAM2Config:
 class RewardConfig:
     """Verifiable rewards and the reward pool (SAM2, or the colour tracker of the synthetic world)."""
 
-    weights: RewardWeights = field(default_factory=RewardWeights)
-    max_boxes: int = field(default=120, metadata=ge(1))
+    # Weight of each reward term in the total (veason_ray/rewards.py registers the terms). The paper's four
+    # are 1 (total in [0, 5]); a term not named here keeps its default (ReVSeg's box_hit and box_area: 0). A
+    # weight of 0 switches a term off: consistency 0 runs no mask propagator (no SAM2 is loaded).
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"format": 1.0, "keyframe": 1.0, "spatial": 1.0, "consistency": 1.0}
+    )
+    # How answers are read and scored where the release's reward file and we differ (reward_rules.py,
+    # docs/method.md): "release" reproduces the release's reward on every answer (numbers compare with the
+    # paper's); "strict" is our stricter reading (no NaN boxes or boolean keyframes, boxes clipped to the frame).
+    rules: Literal["release", "strict"] = "release"
     sam2: SAM2Config = field(default_factory=SAM2Config)
     # The mask propagator of the consistency reward and of evaluation. "sam2": the frozen SAM2 of `sam2`.
     # "colour": a colour tracker (models/colour_propagator.py), for the synthetic world only: J&F and the
@@ -524,7 +525,7 @@ class ServeConfig:
 
 @dataclass
 class SampleConfig:
-    """`veason sample`: a stratified subset of `data.train_split` for CoT data (method.md section 6)."""
+    """`veason sample`: a stratified subset of `data.train_split` for CoT data (docs/method.md section 6)."""
 
     target_size: int = field(
         default=10000, metadata=ge(1)
@@ -535,7 +536,7 @@ class SampleConfig:
 
 @dataclass
 class CoTConfig:
-    """`veason cot`: chain-of-thought records for CoT-SFT from a teacher VLM (method.md section 6).
+    """`veason cot`: chain-of-thought records for CoT-SFT from a teacher VLM (docs/method.md section 6).
 
     The OpenAI-compatible endpoint: `base_url`, `model` and `api_key`, each falling back to OPENAI_BASE_URL,
     OPENAI_MODEL and OPENAI_API_KEY when empty (the key is never written to logs or errors)."""
@@ -579,7 +580,7 @@ class CoTConfig:
 
 @dataclass
 class SFTConfig:
-    """`veason sft`: CoT-SFT of the policy on `veason cot` records (method.md section 6) with Ray Train +
+    """`veason sft`: CoT-SFT of the policy on `veason cot` records (docs/method.md section 6) with Ray Train +
     DeepSpeed; the ranks, ZeRO stage, LoRA, precision and micro-batch size come from `learner.*`."""
 
     records: str = (

@@ -46,7 +46,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def check_relations(cfg: VeasonConfig) -> None:
-    """Values that are each in range but cannot go together (ranges are checked field by field on loading)."""
+    """Values that are each in range but cannot go together (ranges are checked field by field on loading), and
+    reward.weights' names against the registered reward terms."""
+    from veason_ray.rewards import reward_weights
+
+    try:
+        reward_weights(cfg.reward.weights)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     synth = cfg.data.synth
     if synth.min_objects > synth.max_objects:
         raise ConfigError(

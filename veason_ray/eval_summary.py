@@ -1,4 +1,4 @@
-"""A benchmark run's summary (method.md section 7): exactly the subsets each benchmark reports, from the
+"""A benchmark run's summary (docs/method.md section 7): exactly the subsets each benchmark reports, from the
 per-expression results of `veason eval` (results.jsonl), as summary.json, summary.md and a console table.
 
 ReVOS: referring (type 0), reasoning (type 1), overall (their macro mean) with J, F, J&F and R (the corrected R
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from veason_ray.evaluation import REWARD_PARTS, ExpressionResult
+from veason_ray.evaluation import ExpressionResult
 from veason_ray.metrics import ExpressionScore, SubsetScore, revos_summary, subset_mean
+from veason_ray.rewards import ordered_parts
 
 NO_TARGET = "no-target (type 2)"
 
@@ -62,10 +63,15 @@ def summarise_results(
     def mean(values: list[float]) -> float:
         return float(np.mean(values)) if values else math.nan
 
+    def reward_means(rewards: list[dict[str, float]]) -> dict[str, float]:
+        """Each reward part's mean over the answers that scored it (the scored terms follow reward.weights)."""
+        parts = ordered_parts(part for r in rewards for part in r)
+        return {part: mean([r[part] for r in rewards if part in r]) for part in parts}
+
     oracles = [(r, r.extra["oracle"]) for r in scored if "oracle" in r.extra]
     oracle = None
     if oracles:
-        oracle = {part: mean([o["rewards"][part] for _, o in oracles]) for part in REWARD_PARTS}
+        oracle = reward_means([o["rewards"] for _, o in oracles])
         oracle["jf"] = mean([o["jf"] for r, o in oracles if r.type_id != 2])
     return {
         "benchmark": benchmark,
@@ -77,7 +83,7 @@ def summarise_results(
         "failures": dict(sorted(Counter(failure_reason(r.error) for r in failed).items())),
         "subsets": {name: asdict(score) for name, score in subsets.items()},
         "extra_subsets": {name: asdict(score) for name, score in extra.items()},
-        "rewards": {part: mean([r.rewards[part] for r in scored]) for part in REWARD_PARTS},
+        "rewards": reward_means([r.rewards for r in scored]),
         "parse_rate": mean([float(r.parse_failure is None) for r in scored]),
         "oracle": oracle,
         "seconds": round(seconds, 2),
@@ -159,7 +165,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"policy reward: {parts}   parsable answers: {_percent(summary['parse_rate'])}")
     if summary["oracle"]:
         oracle = summary["oracle"]
-        parts = "  ".join(f"{part} {_num(oracle[part])}" for part in REWARD_PARTS)
+        parts = "  ".join(f"{part} {_num(value)}" for part, value in oracle.items() if part != "jf")
         lines.append(f"oracle reward: {parts}   J&F {_pct(oracle['jf'])}  (ground-truth answers)")
     if summary["failed"]:
         lines.append(f"failed: {summary['failed']} ({summary['failures']})")

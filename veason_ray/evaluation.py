@@ -1,4 +1,4 @@
-"""Scoring one expression (method.md sections 4 and 7): an answer and the masks it led to, against the ground
+"""Scoring one expression (docs/method.md sections 4 and 7): an answer and the masks it led to, against the ground
 truth. Pure: the answer and its masks come from inference (`veason_ray/inference.py`); evaluation is inference
 followed by this. The evaluation job (pipelines/evaluate.py) calls it on its scorer actors.
 """
@@ -17,9 +17,7 @@ from veason_ray.inference import LocatedAnswer
 from veason_ray.metrics import ExpressionScore
 from veason_ray.prompts import render_answer
 from veason_ray.records import Sample
-from veason_ray.rewards import RewardBreakdown
-
-REWARD_PARTS = ("format", "keyframe", "spatial", "consistency", "total")
+from veason_ray.reward_scoring import RewardBreakdown
 
 
 def oracle_answer(sample: Sample, split_regions: bool = False) -> str:
@@ -47,7 +45,8 @@ def region_boxes(mask: np.ndarray) -> np.ndarray:
 
 
 def reward_parts(reward: RewardBreakdown) -> dict[str, float]:
-    return {part: float(getattr(reward, part)) for part in REWARD_PARTS}
+    """The scored terms of a reward and its total, by name."""
+    return {**reward.parts, "total": float(reward.total)}
 
 
 @dataclass

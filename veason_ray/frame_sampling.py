@@ -1,4 +1,4 @@
-"""Which frames of a video the policy sees (method.md section 3).
+"""Which frames of a video the policy sees (docs/method.md section 3).
 
 Training: a keyframe drawn at random from the 5 frames with the largest ground-truth union mask, and exactly N
 frames in all (default 6) spread evenly over the video with the keyframe among them (ours; the release asks for

@@ -9,7 +9,7 @@ from veason_ray.boxes import FRAME_SIZE
 
 
 def resize_frames(frames: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
-    """(T, H, W, 3) or (H, W, 3) uint8 RGB -> the same at size x size, bilinear (method.md section 3)."""
+    """(T, H, W, 3) or (H, W, 3) uint8 RGB -> the same at size x size, bilinear (docs/method.md section 3)."""
     array = np.asarray(frames)
     if array.ndim == 3:
         return cv2.resize(array, (size, size), interpolation=cv2.INTER_LINEAR)

@@ -1,4 +1,4 @@
-"""GRPO math of method.md section 5: group-normalised advantages and the clipped policy loss with the k3
+"""GRPO math of docs/method.md section 5: group-normalised advantages and the clipped policy loss with the k3
 ("low_var_kl") KL penalty and an entropy bonus, on padded (B, L) token batches with a response mask.
 
 Per token, with rho = exp(logp - logp_old) and d = logp_ref - logp:

@@ -1,4 +1,4 @@
-"""Inference as one API: a video and a query in, the policy's answer and a mask of every frame out (method.md
+"""Inference as one API: a video and a query in, the policy's answer and a mask of every frame out (docs/method.md
 section 1). No ground truth goes in; evaluation is this + scoring, and the Serve app is this behind HTTP.
 
     frames (L, H, W, 3) + query
@@ -47,7 +47,7 @@ class PolicyInput:
 
 def policy_frame_indices(num_video_frames: int, num_frames: int = 8) -> tuple[int, ...]:
     """Which frames of a video of `num_video_frames` frames the policy sees: `num_frames` evenly spaced
-    indices, first and last included (method.md section 3, evaluation sampling)."""
+    indices, first and last included (docs/method.md section 3, evaluation sampling)."""
     return sample_evaluation_frames(num_video_frames, num_frames)
 
 

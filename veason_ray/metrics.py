@@ -1,4 +1,4 @@
-"""Evaluation metrics of method.md section 7: J, F (DAVIS boundary measure), J&F, subset means, ReVOS overall
+"""Evaluation metrics of docs/method.md section 7: J, F (DAVIS boundary measure), J&F, subset means, ReVOS overall
 and robustness R, as batched torch code that runs unchanged on CPU and CUDA.
 
 All frames of a video are processed at once, on bit-packed masks (`packed_masks.py`: 64 pixels a word).

@@ -36,8 +36,12 @@ def disk_half_widths(radius: int) -> list[int]:
 
 
 def as_tensor(values: MaskLike, device: torch.device | str | None = None) -> torch.Tensor:
-    if isinstance(values, np.ndarray):
-        values = np.ascontiguousarray(values)
+    if isinstance(values, np.ndarray) and (
+        not values.flags.c_contiguous or any(s < 0 for s in values.strides)
+    ):
+        # numpy calls a view with a negative stride on a length-1 axis (a flipped single frame) contiguous,
+        # and ascontiguousarray returns it as is; torch refuses every negative stride, so copy those too
+        values = values.copy(order="C")
     return torch.as_tensor(values, device=device)
 
 

@@ -1,4 +1,4 @@
-"""The policy's prompt and answer schema (method.md section 3).
+"""The policy's prompt and answer schema (docs/method.md section 3).
 
 The user turn is a list of chat-content items in the order the model reads them: for each sampled frame its
 timestamp `(<frame index>s)` then the frame (560x560 RGB), then the instruction. Engines and processors render

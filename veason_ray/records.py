@@ -24,7 +24,7 @@ import numpy as np
 from veason_ray.prompts import build_messages
 
 if TYPE_CHECKING:
-    from veason_ray.rewards import RewardBreakdown
+    from veason_ray.reward_scoring import RewardBreakdown
 
 TYPE_REFERRING = 0
 TYPE_REASONING = 1

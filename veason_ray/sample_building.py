@@ -1,4 +1,4 @@
-"""From a dataset record to a model-ready :class:`~veason_ray.records.Sample` (method.md section 3).
+"""From a dataset record to a model-ready :class:`~veason_ray.records.Sample` (docs/method.md section 3).
 
     spec = SamplingSpec(mode="train", num_frames=6, seed=0)
     sample = build_sample(dataset, record, spec, epoch=3)   # decodes only the 6 sampled frames

@@ -1,4 +1,4 @@
-"""Stratified sampling of the CoT training subset (method.md section 6).
+"""Stratified sampling of the CoT training subset (docs/method.md section 6).
 
 The expressions are split into strata {referring, reasoning} x {single, multi} (multi = more than one target
 object). Each stratum's quota is the target size times the product of the two marginal shares of the pool

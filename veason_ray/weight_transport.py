@@ -2,7 +2,7 @@
 
 Pure torch (no ray, no vLLM), so the learner, the rollout engines and the tests share one definition of what a
 bucket holds and what "the engine has the learner's weights" means. The transports that move buckets
-(CUDA IPC, NCCL, vLLM's reload on CPU) live in `actors/weight_sync.py`.
+(CUDA IPC, NCCL, vLLM's reload on CPU) live in `actors/weight_sync/`.
 
 A bucket is one contiguous uint8 buffer holding several tensors back to back, with their names, dtypes, shapes
 and byte sizes: this is the layout of vLLM's packed weight transfer (`packed_tensor.unpack_tensor` splits the
@@ -15,13 +15,15 @@ opened once per buffer instead of once per bucket.
 Checksums are taken over the *multiset* of weight values (float64 sum, sum of absolute values and sum of
 squares), so they are equal for the learner's Hugging Face tensors and the engine's fused ones (vLLM fuses
 q/k/v and gate/up projections, pads the vocabulary with zero rows and shares tied embeddings); what they do
-not see is a permutation of values, which no weight update produces by accident.
+not see is a permutation of values, which no weight update produces by accident. `engine_weight_checksum` takes
+the engine's side inside vLLM's worker, reading back the weights its kernels compute with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -142,4 +144,27 @@ def checksum_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> WeightCheck
             continue
         seen.add(key)
         checksum.add(name, tensor)
+    return checksum
+
+
+def engine_weight_checksum(model: Any) -> WeightChecksum:
+    """The checksum of a vLLM model's weights as its kernels see them (runs in vLLM's worker, `apply_model`).
+    Linear layers whose weights the CPU backend repacked into opaque kernels (their `weight` parameter is left
+    empty) are read back by running the layer on an identity matrix: x @ W.T with x = I gives W.T exactly. A
+    parameter shared by two modules (tied embeddings) counts once, as in `checksum_weights`."""
+    checksum = WeightChecksum()
+    seen: set[int] = set()  # tied embeddings: one parameter under two modules
+    with torch.inference_mode():
+        for module_name, module in model.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}"
+                if param_name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+                    size = int(module.input_size_per_partition)
+                    identity = torch.eye(size, dtype=param.dtype)
+                    checksum.add(name, module.cpu_linear(identity, param, None))
+                elif param.numel():
+                    checksum.add(name, param)
     return checksum

@@ -1,4 +1,4 @@
-"""CoT data for the CoT-SFT stage (method.md section 6): jobs, teacher prompts, teachers, records, output.
+"""CoT data for the CoT-SFT stage (docs/method.md section 6): jobs, teacher prompts, teachers, records, output.
 
     job = build_cot_job(dataset, record, FrameSpec(num_frames=7))     # frames, keyframe, boxes (jobs.py)
     reply = await teacher.write_cot(job, teacher_instruction(...))  # OpenAITeacher or OfflineTeacher

@@ -1,4 +1,4 @@
-"""The frames a CoT teacher sees and the frames the SFT record keeps (method.md section 6).
+"""The frames a CoT teacher sees and the frames the SFT record keeps (docs/method.md section 6).
 
 Teacher images: the original frame shrunk (never enlarged) to fit within 640x480 with its aspect ratio kept,
 then a red box drawn around each target object present on that frame (one box per object, 2 pixels wide,

@@ -1,4 +1,4 @@
-"""One CoT sample ready for a teacher: frames, keyframe, per-object boxes (method.md section 6).
+"""One CoT sample ready for a teacher: frames, keyframe, per-object boxes (docs/method.md section 6).
 
 The keyframe is drawn from the 5 frames with the largest ground-truth union mask and up to 7 frames are spread
 over the video around it (:func:`veason_ray.frame_sampling.sample_training_frames`), with a generator seeded

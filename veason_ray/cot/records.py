@@ -1,4 +1,4 @@
-"""The CoT-SFT record: one ShareGPT conversation per line of `<output_dir>/cot.jsonl` (method.md section 6).
+"""The CoT-SFT record: one ShareGPT conversation per line of `<output_dir>/cot.jsonl` (docs/method.md section 6).
 
     {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
                   {"role": "user", "content": "(<idx>s)<image>(<idx>s)<image>...\\n<instruction>"},

@@ -1,4 +1,4 @@
-"""What the CoT teacher is asked (method.md section 6).
+"""What the CoT teacher is asked (docs/method.md section 6).
 
 The teacher sees the sampled frames, each after its timestamp `(<index>s)`, with red boxes drawn around the
 target(s), and is told the expression and the keyframe. It writes three steps: describe the video, justify why

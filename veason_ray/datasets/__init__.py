@@ -1,4 +1,4 @@
-"""Dataset readers for ReVOS, MeViS and ReasonVOS (method.md section 2), local or s3://.
+"""Dataset readers for ReVOS, MeViS and ReasonVOS (docs/method.md section 2), local or s3://.
 
 ds = open_dataset("revos", "s3://bucket/ReVOS", "train", storage)
 for expr in ds.expressions():

@@ -1,4 +1,4 @@
-"""ReVOS reader: the mask-dictionary format that MeViS shares (method.md section 2).
+"""ReVOS reader: the mask-dictionary format that MeViS shares (docs/method.md section 2).
 
 Layout under the root (a local folder or s3://bucket/prefix)::
 

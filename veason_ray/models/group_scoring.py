@@ -1,25 +1,26 @@
 """The full reward of many GRPO groups at once, with one shared propagation pass.
 
-`score_groups` gives every rollout exactly `rewards.score_response` (format, keyframe, spatial, consistency);
-only the order of work changes. Pass 1 runs `score_response` with a propagator that records what it is asked
-to propagate (and stops there); all recorded requests then go to the mask propagator's `propagate_many` in one
-call (with `SAM2GroupPropagator`: each video encoded once, identical objects tracked once, objects batched;
-other propagators answer request by request); pass 2 runs `score_response` again with a propagator that
-answers from those results. So the reward logic exists once, in rewards.py.
+`score_groups` gives every rollout exactly `reward_scoring.score_response`; only the order of work changes.
+Pass 1 (`begin_scoring`) scores every answer up to its masks and collects the boxes each needs propagated;
+all those requests go to the mask propagator's `propagate_many` in one call (with `SAM2GroupPropagator`: each
+video encoded once, identical objects tracked once, objects batched; other propagators answer request by
+request); pass 2 (`finish_scoring`) scores the mask terms from the results. The reward logic exists once, in
+rewards.py and reward_scoring.py. With no mask term scored (`reward.weights.consistency=0`) the propagator
+is never called.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from veason_ray.config import RewardWeights
 from veason_ray.mask_propagation import MaskPropagator, PropagationRequest
 from veason_ray.records import PromptGroup, Rollout, Scored
-from veason_ray.rewards import RewardBreakdown, score_response
+from veason_ray.reward_rules import RELEASE_RULES, RewardRules
+from veason_ray.reward_scoring import PendingScore, RewardTargets, begin_scoring, finish_scoring
 
 log = logging.getLogger(__name__)
 
@@ -33,37 +34,11 @@ class GroupInput:
     frames: np.ndarray
 
 
-class _Deferred(Exception):
-    """Raised by the recording propagator: the request is kept, the answer comes in pass 2."""
-
-
-class _RecordingPropagator(MaskPropagator):
-    def __init__(self, video: int):
-        self.video = video
-        self.requests: list[PropagationRequest] = []
-
-    def propagate(self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> np.ndarray:
-        self.requests.append(
-            PropagationRequest(self.video, int(keyframe_position), np.array(boxes, np.float32))
-        )
-        raise _Deferred
-
-
-class _AnsweringPropagator(MaskPropagator):
-    def __init__(self, answer: np.ndarray | Exception):
-        self.answer = answer
-
-    def propagate(self, frames: np.ndarray, keyframe_position: int, boxes: np.ndarray) -> np.ndarray:
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
 def _propagate_all(
     propagator: MaskPropagator, videos: dict[int, np.ndarray], requests: list[PropagationRequest]
 ) -> list[np.ndarray | Exception]:
     """All requests in one call; if that call fails, each request alone, so one bad request costs only its
-    own consistency part."""
+    own mask terms."""
     try:
         return list(propagator.propagate_many(videos, requests))
     except Exception as error:  # noqa: BLE001 - any propagator failure is isolated below, never raised
@@ -81,43 +56,35 @@ def _propagate_all(
     return answers
 
 
-def _score(item: GroupInput, rollout: Rollout, propagator: MaskPropagator | None, weights: RewardWeights):
-    sample = item.group.sample
-    return score_response(
-        rollout.text,
-        frame_indices=sample.frame_indices,
-        gt_masks=sample.gt_masks_560,
-        gt_boxes=sample.gt_boxes_560,
-        frames=item.frames,
-        propagator=propagator,
-        weights=weights,
-    )
-
-
 def score_groups(
-    items: Sequence[GroupInput], propagator: MaskPropagator, weights: RewardWeights | None = None
+    items: Sequence[GroupInput],
+    propagator: MaskPropagator | None,
+    weights: Mapping[str, float] | None = None,
+    rules: RewardRules = RELEASE_RULES,
 ) -> list[list[Scored]]:
     """`Scored` for every rollout of every group (same order), each reward equal to `score_response` with
     `propagator` (for `SAM2GroupPropagator`: with a plain SAM2 propagator on the same model); the propagation
-    requests of all groups go to `propagator.propagate_many` in one call."""
-    weights = weights or RewardWeights()
-    first: list[list[RewardBreakdown]] = []
-    pending: list[tuple[int, int, int]] = []  # (group, rollout, request index)
+    requests of all groups go to `propagator.propagate_many` in one call. propagator None: the mask terms must
+    be off (else they score 0, "no mask propagator")."""
+    pending: list[list[PendingScore]] = []
     requests: list[PropagationRequest] = []
+    asked: list[tuple[int, int]] = []  # (group, rollout) of each request
     for g, item in enumerate(items):
-        row = []
-        for r, rollout in enumerate(item.rollouts):
-            recorder = _RecordingPropagator(g)
-            row.append(_score(item, rollout, recorder, weights))
-            if recorder.requests:
-                pending.append((g, r, len(requests)))
-                requests.extend(recorder.requests)
-        first.append(row)
-    videos = {g: items[g].frames for g in {g for g, _, _ in pending}}
-    answers = _propagate_all(propagator, videos, requests) if requests else []
-    for g, r, index in pending:
-        first[g][r] = _score(items[g], items[g].rollouts[r], _AnsweringPropagator(answers[index]), weights)
+        targets = RewardTargets.of_sample(item.group.sample)
+        row = [begin_scoring(r.text, targets, item.frames.shape[1:3], rules, weights) for r in item.rollouts]
+        for r, score in enumerate(row):
+            if score.needs_propagation:
+                requests.append(PropagationRequest(g, score.keyframe_position, score.mask_boxes))
+                asked.append((g, r))
+        pending.append(row)
+    masks: dict[tuple[int, int], np.ndarray | Exception] = {}
+    if requests and propagator is not None:
+        videos = {g: items[g].frames for g in {g for g, _ in asked}}
+        masks = dict(zip(asked, _propagate_all(propagator, videos, requests), strict=True))
     return [
-        [Scored(rollout, reward) for rollout, reward in zip(item.rollouts, row, strict=True)]
-        for item, row in zip(items, first, strict=True)
+        [
+            Scored(rollout, finish_scoring(score, masks.get((g, r))))
+            for r, (rollout, score) in enumerate(zip(item.rollouts, pending[g], strict=True))
+        ]
+        for g, item in enumerate(items)
     ]

@@ -5,7 +5,7 @@ full SAM2 propagation per answer (decode, encode every frame, track each object 
 
 1. Image features: each distinct video's T frames go through the image encoder once, batched
    (`encode_frames`), and every object of every request on that video reads them.
-2. Objects: each matched box is one SAM2 object (method.md section 4). Identical objects (same video,
+2. Objects: each matched box is one SAM2 object (docs/method.md section 4). Identical objects (same video,
    keyframe and box) are propagated once, so answers that repeat an earlier answer's boxes reuse its result.
 3. Tracking: objects prompted on the same keyframe of clips of the same length go through SAM2's own
    `track_step` as one batch, for all videos at once; each object keeps its own memory bank.

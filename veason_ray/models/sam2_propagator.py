@@ -2,7 +2,7 @@
 
 Each box becomes its own SAM2 object on the keyframe; SAM2's video predictor tracks all of them forward to the
 last frame and backward to the first, and the mask of a frame is the OR over objects of `logits > 0`, at the
-frames' own height and width (method.md section 4, consistency reward; section 1, inference).
+frames' own height and width (docs/method.md section 4, consistency reward; section 1, inference).
 
 Frames stay in memory: the inference state is built from the uint8 array with exactly the resize and
 normalisation of sam2's JPEG-folder loader, so the masks equal those of sam2's own file-based path on the same

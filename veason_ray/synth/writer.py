@@ -1,6 +1,6 @@
 """Write simulated videos and their expressions to disk (or s3://) in the ReVOS or ReasonVOS layout.
 
-ReVOS layout (method.md section 2), read back by :class:`~veason_ray.datasets.ReVOSDataset`::
+ReVOS layout (docs/method.md section 2), read back by :class:`~veason_ray.datasets.ReVOSDataset`::
 
     JPEGImages/synth/v0000/00000.jpg ...      JPEG quality 95; video names "synth/vNNNN" (nested, like ReVOS)
     meta_expressions_train_.json, meta_expressions_valid_.json

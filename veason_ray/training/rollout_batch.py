@@ -1,4 +1,4 @@
-"""From scored rollouts to the learner's batch: group advantages (method.md section 5) and the step's reward
+"""From scored rollouts to the learner's batch: group advantages (docs/method.md section 5) and the step's reward
 metrics. Pure: the GRPO driver (`pipelines/grpo.py`) calls it between the reward pool and the learner.
 
 Accuracy, as reported per step: the share of responses whose spatial reward (Hungarian-matched box IoU) is at
@@ -15,9 +15,9 @@ import torch
 
 from veason_ray.grpo import group_advantages
 from veason_ray.records import PromptGroup, Scored, TrainItem
+from veason_ray.rewards import ordered_parts
 
 ACCURACY_IOU = 0.5
-REWARD_PARTS = ("format", "keyframe", "spatial", "consistency", "total")
 
 
 def train_items(
@@ -38,12 +38,16 @@ def train_items(
     ]
     flat = [s for row in rows for s in row]
     lengths = np.array([len(s.rollout.token_ids) for s in flat], dtype=np.float64)
+    parts = ordered_parts(part for s in flat for part in s.reward.parts)
     metrics = {
-        f"reward/{part}": float(np.mean([getattr(s.reward, part) for s in flat])) for part in REWARD_PARTS
+        f"reward/{part}": float(np.mean([s.reward.parts.get(part, 0.0) for s in flat])) for part in parts
     }
+    metrics["reward/total"] = float(rewards.mean())
     metrics.update(
         {
-            "reward/accuracy": float(np.mean([s.reward.spatial >= ACCURACY_IOU for s in flat])),
+            "reward/accuracy": float(
+                np.mean([s.reward.parts.get("spatial", 0.0) >= ACCURACY_IOU for s in flat])
+            ),
             "reward/parse_rate": float(np.mean([s.reward.parse_failure is None for s in flat])),
             "reward/std_in_group": float(rewards.std(dim=1, unbiased=True).mean())
             if rewards.shape[1] > 1

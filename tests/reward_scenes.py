@@ -1,6 +1,7 @@
-"""Synthetic GRPO reward inputs (and a comparison of rewards) for the SAM2 reward's tests and benchmark: one group = a clip of moving
-discs at 560x560 with its ground truth, plus n answers of the kind a policy gives (keyframes among the
-largest-mask frames, jittered boxes, now and then an extra or a missing box).
+"""Synthetic GRPO reward inputs (and a comparison of rewards) for the SAM2 reward's tests and its benchmark
+(benchmarks/reward.py): one group = a clip of moving discs at 560x560 with its ground truth, plus n answers of
+the kind a policy gives (keyframes among the largest-mask frames, jittered boxes, now and then an extra or a
+missing box).
 
 With `edge_cases`, a group also holds an answer that does not parse, one whose keyframe is not a sampled
 frame, one without boxes, and one that repeats an earlier answer word for word.
@@ -16,7 +17,7 @@ import numpy as np
 from veason_ray.boxes import ground_truth_boxes_560
 from veason_ray.prompts import render_answer
 from veason_ray.records import ExpressionRecord, PromptGroup, Rollout, Sample
-from veason_ray.rewards import RewardBreakdown
+from veason_ray.reward_scoring import RewardBreakdown
 
 SIZE = 560
 
@@ -121,6 +122,9 @@ def max_reward_difference(got: Sequence[RewardBreakdown], want: Sequence[RewardB
             b.matched_pairs,
         ):
             return math.inf
-        for part in ("format", "keyframe", "spatial", "consistency", "total"):
-            worst = max(worst, abs(getattr(a, part) - getattr(b, part)))
+        if a.parts.keys() != b.parts.keys():
+            return math.inf
+        for part in a.parts:
+            worst = max(worst, abs(a.parts[part] - b.parts[part]))
+        worst = max(worst, abs(a.total - b.total))
     return worst
