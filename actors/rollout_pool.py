@@ -229,8 +229,9 @@ class RolloutPool:
         """Push `source` (weights held in this process) through `transport`; see `sync_weights`."""
         return self.sync_weights(SourceSender(transport, source))
 
-    def sync_weights(self, sender: WeightSender) -> SyncReport:
-        """Push the sender's weights as the next weight version (the learner group is a sender). A sleeping
+    def sync_weights(self, sender: WeightSender, version: int | None = None) -> SyncReport:
+        """Push the sender's weights as weight `version` (default: the next; a resumed run pushes its
+        checkpoint's weights under the version they had). The learner group is a sender. A sleeping
         pool wakes in `rollout.wake_order`: the tags up to and including "weights" before the push, the rest
         (the KV cache) after it, so old weights, new weights and the KV cache never hold memory at once."""
         order = list(self.cfg.wake_order)
@@ -238,7 +239,7 @@ class RolloutPool:
         if self.asleep:
             self.wake(order[:split])
         self.sender = sender
-        report = sender.push(self.engines, self.version + 1)
+        report = sender.push(self.engines, self.version + 1 if version is None else version)
         self.version = report.version
         if self.asleep:
             self.wake(order[split:])

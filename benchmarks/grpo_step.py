@@ -43,7 +43,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_D
 import ray  # noqa: E402
 
 from benchmarks.rollout import make_groups, write_random_3b_in_child  # noqa: E402
-from pipelines.grpo import Batch, GRPODriver  # noqa: E402
+from pipelines.grpo import Batch, GRPODriver, run_outputs  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 from veason_ray.config_loading import load_config, save_config  # noqa: E402
 from veason_ray.records import PromptGroup  # noqa: E402
@@ -322,7 +322,7 @@ def main() -> int:
         log_to_driver=args.actor_logs,
     )
     say("starting the driver: placement, learner, rollout engine, SAM2 reward pool")
-    driver = GRPODriver(cfg)
+    driver = GRPODriver(cfg, run_outputs(cfg))
     try:
         say(f"driver ready in {driver.startup_seconds:.0f} s ({driver.placement.description})")
         info = {

@@ -11,16 +11,18 @@ reader once, so mask files are parsed once per actor) that decode only the frame
 560x560 and attach the GT -> one Arrow row per expression (frames and bit-packed masks as binary values, the
 rest as JSON; or a skip reason) -> the consumer turns rows into :class:`~veason_ray.records.Sample`s. Ray Data's streaming
 executor keeps a bounded number of blocks in flight, so the dataset is never materialised; rows live in Ray's
-object store once, the consumer gets them zero-copy.
+object store once, the consumer gets them zero-copy. Rows arrive in the order of the stream's records whichever
+decoding actor finishes first (Ray Data's ``preserve_order``), so the same seed gives the same batches.
 
 Bad data (a corrupt JPEG, a truncated video, a missing mask entry, an unreadable object) is a row with a
 ``skip_reason``: counted in :class:`StreamStats` (``as_metrics()``), logged with the sample key, and skipped.
 
-Cache (``data.cache_uri``, local or s3://): the first pass writes each decoded batch as a Parquet file under
-``<cache_uri>/<split>-<mode>-<key>/parts/`` and, once the stream is fully consumed, ``_SUCCESS.json``; later
-passes read the Parquet files instead of decoding. ``key`` hashes the dataset (kind, root, split, expression
-keys), the sampling config, the video format and CACHE_FORMAT. Training rows hold the *candidate* frames of each
-expression (every frame any epoch's keyframe draw can pick, at most N * k), so every epoch's sample is exact.
+Cache (``data.cache_uri``, local or s3://): the first pass writes each decoded batch as a Parquet file (named by
+a hash of its keys) under ``<cache_uri>/<split>-<mode>-<key>/parts/`` and, once the stream is fully consumed,
+``_SUCCESS.json``; later passes read the Parquet files instead of decoding. ``key`` hashes the dataset (kind,
+root, split, expression keys), the sampling config, the video format and CACHE_FORMAT. Training rows hold the
+*candidate* frames of each expression (every frame any epoch's keyframe draw can pick, at most N * k), so every
+epoch's sample is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -171,21 +172,41 @@ class SampleDecoder:
         table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
         if self.cache_parts:
             filesystem, path = _arrow_location(self.cache_parts, self.storage)
-            pq.write_table(table, f"{path}/part-{uuid.uuid4().hex}.parquet", filesystem=filesystem)
+            # named by content: the same cache built twice reads back in the same (seeded) file order
+            name = hashlib.sha256("\n".join(table.column("key").to_pylist()).encode("utf-8")).hexdigest()[:16]
+            pq.write_table(table, f"{path}/part-{name}.parquet", filesystem=filesystem)
         return table
 
 
 # --- what the consumer counts ----------------------------------------------------------------------------------
 @dataclass
 class StreamStats:
-    """Samples delivered, frames in them, skipped expressions by reason; throughput since the first row."""
+    """Samples delivered, frames in them, skipped expressions by reason (and their keys, in the order met);
+    throughput since the first row. A resumed run's stats count on from a checkpoint's ``counts()``."""
 
     samples: int = 0
     frames: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_keys: list[str] = field(default_factory=list)
     progress_every_s: float = 0.0
     started: float | None = None
+    # samples and frames counted by an earlier process (a resumed run): in the totals, not in this one's rates
+    carried_samples: int = 0
+    carried_frames: int = 0
     _last_log: float = 0.0
+
+    @classmethod
+    def resumed(cls, counts: dict[str, Any], progress_every_s: float = 0.0) -> StreamStats:
+        """Stats counting on from ``counts`` (what ``counts()`` returned; ``{}``: from 0)."""
+        samples, frames = int(counts.get("samples", 0)), int(counts.get("frames", 0))
+        skipped = Counter({reason: int(n) for reason, n in counts.get("skipped", {}).items()})
+        stats = cls(samples, frames, skipped, progress_every_s=progress_every_s)
+        stats.carried_samples, stats.carried_frames = samples, frames
+        return stats
+
+    def counts(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON): samples, frames, skipped expressions per reason."""
+        return {"samples": self.samples, "frames": self.frames, "skipped": dict(self.skipped)}
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -202,6 +223,7 @@ class StreamStats:
 
     def add_skip(self, key: str, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_keys.append(key)
         log.warning("skipped %s (%s): %s", key, reason, detail)
         self._tick()
 
@@ -209,25 +231,30 @@ class StreamStats:
     def elapsed_s(self) -> float:
         return 0.0 if self.started is None else time.monotonic() - self.started
 
+    def _rates(self) -> tuple[float, float]:
+        """Samples and frames per second of this process."""
+        elapsed = max(self.elapsed_s, 1e-9)
+        return (self.samples - self.carried_samples) / elapsed, (self.frames - self.carried_frames) / elapsed
+
     def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Counts and rates as run metrics: samples, frames, skipped (total and per reason), per second."""
-        elapsed = max(self.elapsed_s, 1e-9)
+        samples_per_s, frames_per_s = self._rates()
         out = {
             f"{prefix}samples": float(self.samples),
             f"{prefix}frames": float(self.frames),
             f"{prefix}skipped": float(sum(self.skipped.values())),
-            f"{prefix}samples_per_s": self.samples / elapsed,
-            f"{prefix}frames_per_s": self.frames / elapsed,
+            f"{prefix}samples_per_s": samples_per_s,
+            f"{prefix}frames_per_s": frames_per_s,
         }
         out.update({f"{prefix}skipped/{reason}": float(n) for reason, n in sorted(self.skipped.items())})
         return out
 
     def progress_line(self) -> str:
-        elapsed = max(self.elapsed_s, 1e-9)
+        samples_per_s, frames_per_s = self._rates()
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
-            f"frame stream: {self.samples} samples, {self.frames} frames in {elapsed:.1f} s "
-            f"({self.samples / elapsed:.1f} samples/s, {self.frames / elapsed:.1f} frames/s); skipped: {skipped}"
+            f"frame stream: {self.samples} samples, {self.frames} frames in {self.elapsed_s:.1f} s "
+            f"({samples_per_s:.1f} samples/s, {frames_per_s:.1f} frames/s); skipped: {skipped}"
         )
 
 
@@ -324,7 +351,15 @@ class FrameStream:
         return store_for(self.cache_dir, self.cfg.storage).exists(join_uri(self.cache_dir, "_SUCCESS.json"))
 
     def dataset(self) -> ray.data.Dataset:
-        """The lazy Ray Dataset of rows (ROW_SCHEMA); nothing runs until it is consumed."""
+        """The lazy Ray Dataset of rows (ROW_SCHEMA) in the order of ``records`` (or, from the cache, of the
+        seeded file order); nothing runs until it is consumed."""
+        ds = self._unordered_dataset()
+        # Ray Data yields blocks as they finish, across decoding actors: the order (so the batches and the group
+        # ids that seed sampling) would follow timing. In order, a slow block holds back only what follows it.
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    def _unordered_dataset(self) -> ray.data.Dataset:
         data, storage = self.cfg.data, self.cfg.storage.resolved()
         if self.cache_hit:
             filesystem, path = _arrow_location(join_uri(self.cache_dir, "parts"), storage)

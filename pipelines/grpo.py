@@ -11,11 +11,13 @@ Each step (design.md, "One GRPO step"):
   6. metrics (one line, JSONL, wandb), every `trainer.save_every` steps an atomic checkpoint of the learner
      and of this driver's data position, every `trainer.sample_images_every` steps responses drawn as PNG.
 A run finds the latest complete checkpoint under `<run.output_dir>/checkpoints` and continues from it
-(`trainer.resume`), the expressions it already trained on this epoch left out. At the end: reward curves as
-PNG and the policy as a Hugging Face folder in `<run.output_dir>/policy_hf`. With an s3:// `run.output_dir`
-everything lands there: checkpoints and the policy directly, the logs (metrics, curves, samples) from a local
-staging folder at every checkpoint and at the end (`veason_ray/output_mirror.py`), so a job whose head is lost
-resumes, on any node, with its metrics continuing.
+(`trainer.resume`) as an uninterrupted run would have: the expressions it already trained on (or skipped) this
+epoch left out, its step, weight version, group ids and data counts carried on (`DriverState`); the data
+stream's order is seeded, so the same seed gives the same batches. At the end: reward curves as PNG and the
+policy as a Hugging Face folder in `<run.output_dir>/policy_hf`. With an s3:// `run.output_dir` everything lands
+there: checkpoints and the policy directly, the logs (metrics, curves, samples) from a local staging folder at
+every checkpoint and at the end (`veason_ray/output_mirror.py`), so a job whose head is lost resumes, on any
+node, with its metrics continuing.
 
 One step off-policy (`trainer.max_staleness=1`, disaggregated placement, `learner.old_logprobs=engine`): the
 rollouts of step k+1 are generated and scored, on a background thread, while the learner trains on step k.
@@ -54,10 +56,12 @@ from veason_ray.config_loading import ConfigError, save_config
 from veason_ray.object_store import join_uri, store_for
 from veason_ray.output_mirror import OutputMirror
 from veason_ray.records import PromptGroup, Scored
+from veason_ray.training.checkpoint import prune_checkpoints
 from veason_ray.training.rollout_batch import train_items
 
 if TYPE_CHECKING:
     from actors.weight_sync import SyncReport
+    from pipelines.frame_stream import StreamStats
 
 log = logging.getLogger(__name__)
 DRIVER_STATE = "driver_state.json"
@@ -65,21 +69,45 @@ DRIVER_STATE = "driver_state.json"
 
 @dataclass
 class DriverState:
-    """What the driver needs to continue a run: the steps done, the epoch, the sample keys of this epoch
-    already trained on, and the next group id (group ids seed the sampling of their responses)."""
+    """What the driver needs to continue a run as if it had never stopped, as of the last batch trained on: the
+    steps done, the weight version the engines serve, the epoch, the sample keys of this epoch trained on and
+    those skipped (bad data) before the last of them, the next group id (group ids seed the sampling of their
+    responses) and the frame stream's counts (`StreamStats.counts()`). Saved as JSON in every checkpoint."""
 
     step: int = 0
     epoch: int = 0
     consumed: list[str] = field(default_factory=list)
     next_group_id: int = 0
+    weight_version: int = 0
+    skipped: list[str] = field(default_factory=list)
+    stream: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DriverState:
+        """A checkpoint's state. One saved before a field existed gets the field's default, and its step as the
+        weight version (one push per step)."""
+        doc = json.loads(raw)
+        doc.setdefault("weight_version", doc["step"])
+        return cls(**doc)
+
+    def consume(self, batch: Batch) -> None:
+        """Record `batch` as trained on: the data position a checkpoint keeps."""
+        if batch.epoch != self.epoch:
+            self.epoch, self.consumed = batch.epoch, []
+        self.consumed += [g.sample.key for g in batch.groups]
+        self.skipped, self.stream = list(batch.skipped), dict(batch.stream)
+        self.next_group_id = max(g.group_id for g in batch.groups) + 1
 
 
 @dataclass
 class Batch:
-    """One step's prompt groups and the epoch of the data stream they came from."""
+    """One step's prompt groups, the epoch of the data stream they came from, and where the stream stood once it
+    had drawn them: the epoch's skipped sample keys so far and its counts (`StreamStats.counts()`)."""
 
     epoch: int
     groups: list[PromptGroup]
+    skipped: list[str] = field(default_factory=list)
+    stream: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +140,30 @@ def check_trainer_config(cfg: VeasonConfig) -> None:
             "rollouts one version old must be weighed against the policy that sampled them, not recomputed "
             "with the learner's newer weights; set learner.old_logprobs=engine or trainer.max_staleness=0"
         )
+
+
+def draw_batches(cfg: VeasonConfig, state: DriverState, stats: StreamStats) -> Iterator[Batch]:
+    """Batches of `state`'s epoch without what it consumed or skipped, then of the next epochs, group ids from
+    `state.next_group_id`; `stats` counts what the stream delivers. The stream is in a deterministic order, so a
+    run resumed from the state after batch k draws batch k+1 and on as an uninterrupted run does. The frame
+    stream (and its dataset readers) is imported here: the driver's `step` runs on batches from anywhere."""
+    from pipelines.frame_stream import iter_prompt_groups
+
+    epoch, next_id = state.epoch, state.next_group_id
+    consumed, skipped = list(state.consumed), list(state.skipped)
+    while True:
+        exclude = frozenset(consumed + skipped)
+        first_skip = len(stats.skipped_keys)  # the keys this stream skips follow
+        produced = False
+        for groups in iter_prompt_groups(
+            cfg, epoch=epoch, first_group_id=next_id, put_frames=True, stats=stats, exclude=exclude
+        ):
+            produced = True
+            next_id = groups[-1].group_id + 1
+            yield Batch(epoch, groups, skipped + stats.skipped_keys[first_skip:], stats.counts())
+        if not produced and not exclude:
+            raise RuntimeError(f"data: no usable training sample in {cfg.data.root} ({cfg.data.train_split})")
+        epoch, consumed, skipped = epoch + 1, [], []
 
 
 def run_outputs(cfg: VeasonConfig) -> OutputMirror:
@@ -168,7 +220,7 @@ class GRPODriver:
         )
         self.state = DriverState()
         self.saved_step = 0  # the step of the latest complete checkpoint (0: none, the starting policy)
-        self.stats: Any = None  # the frame stream's StreamStats, once `batches` runs
+        self.stats: StreamStats | None = None  # the frame stream's counts, once `batches` runs
         self.resumed_from = self._resume()
 
     # ---- checkpoints ----
@@ -178,14 +230,17 @@ class GRPODriver:
         if latest is None:
             return None
         step = self.learner.load(latest)
-        raw = store_for(latest, self.cfg.storage).read_bytes(join_uri(latest, DRIVER_STATE))
-        self.state = DriverState(**json.loads(raw))
+        self.state = DriverState.from_json(
+            store_for(latest, self.cfg.storage).read_bytes(join_uri(latest, DRIVER_STATE))
+        )
         self.saved_step = step
         if self.state.step != step:
             raise RuntimeError(
                 f"{latest}: learner state is at step {step}, driver state at {self.state.step}"
             )
-        self.rollout.sync_weights(self.learner)  # the engines start from the initial checkpoint
+        # the engines start from the initial checkpoint: they get the learner's weights under the version the
+        # uninterrupted run had given them
+        self.rollout.sync_weights(self.learner, version=self.state.weight_version)
         log.info("resumed from %s (step %d, epoch %d)", latest, step, self.state.epoch)
         return latest
 
@@ -193,40 +248,26 @@ class GRPODriver:
         state = json.dumps(asdict(self.state)).encode()
         uri = self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
         self.saved_step = self.state.step
+        for removed in prune_checkpoints(
+            self.checkpoints, self.cfg.trainer.keep_checkpoints, self.cfg.storage
+        ):
+            log.info(
+                "removed checkpoint %s (trainer.keep_checkpoints=%d)",
+                removed,
+                self.cfg.trainer.keep_checkpoints,
+            )
         self.outputs.push()  # the logs of the steps this checkpoint holds
         return uri
 
     # ---- data ----
 
     def batches(self) -> Iterator[Batch]:
-        """Batches of this epoch (minus what a resumed run consumed), then of the next epochs. The driver's
-        state moves only when a batch is trained on (`_consume`), so a batch drawn ahead is not yet consumed.
-        The frame stream (and its dataset readers) is imported here: `step` runs on batches from anywhere."""
-        from pipelines.frame_stream import StreamStats, iter_prompt_groups
+        """`draw_batches` from the driver's state, the stream's counts carried on from it. The state moves only
+        when a batch is trained on (`DriverState.consume`), so a batch drawn ahead is not yet consumed."""
+        from pipelines.frame_stream import StreamStats
 
-        cfg = self.cfg
-        self.stats = self.stats or StreamStats(progress_every_s=cfg.data.progress_every_s)
-        epoch, exclude, next_id = self.state.epoch, frozenset(self.state.consumed), self.state.next_group_id
-        while True:
-            produced = False
-            for groups in iter_prompt_groups(
-                cfg, epoch=epoch, first_group_id=next_id, put_frames=True, stats=self.stats, exclude=exclude
-            ):
-                produced = True
-                next_id = groups[-1].group_id + 1
-                yield Batch(epoch, groups)
-            if not produced and not exclude:
-                raise RuntimeError(
-                    f"data: no usable training sample in {cfg.data.root} ({cfg.data.train_split})"
-                )
-            epoch, exclude = epoch + 1, frozenset()
-
-    def _consume(self, batch: Batch) -> None:
-        """Record `batch` as trained on: the data position a checkpoint keeps."""
-        if batch.epoch != self.state.epoch:
-            self.state.epoch, self.state.consumed = batch.epoch, []
-        self.state.consumed += [g.sample.key for g in batch.groups]
-        self.state.next_group_id = max(g.group_id for g in batch.groups) + 1
+        self.stats = self.stats or StreamStats.resumed(self.state.stream, self.cfg.data.progress_every_s)
+        return draw_batches(self.cfg, self.state, self.stats)
 
     # ---- one step ----
 
@@ -283,8 +324,9 @@ class GRPODriver:
         marks.append(time.perf_counter())
         sync = self.rollout.sync_weights(self.learner)
         marks.append(time.perf_counter())
-        self._consume(rollouts.batch)
+        self.state.consume(rollouts.batch)
         self.state.step += 1
+        self.state.weight_version = sync.version
         metrics.update({f"learner/{k}": v for k, v in learned.items()})
         metrics.update(self._seconds(rollouts, entered if rollouts.ahead else rollouts.started, marks, sync))
         metrics.update(

@@ -169,6 +169,15 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     return error_response(request, error.status_code, None, str(error.detail))
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug of ours: still the schema's error body, with the request id (Starlette logs the traceback)."""
+    known_id = getattr(request.state, "request_id", "")  # set by guard_and_log, which runs first
+    return error_response(
+        request, 500, None, f"internal error ({type(error).__name__}); request id {known_id}"
+    )
+
+
 def request_id(request: Request) -> str:
     return request.state.request_id
 
@@ -223,7 +232,11 @@ class SegmentationAPI:
         """The ingress answers (no model is asked)."""
         return Health(status="ok")
 
-    @app.get(f"/{API_VERSION}/health/ready", response_model=Health, responses={503: {"model": Health}})
+    @app.get(
+        f"/{API_VERSION}/health/ready",
+        response_model=Health,
+        responses={401: {"model": ErrorResponse}, 503: {"model": Health}},  # 401: behind the key
+    )
     async def ready(self) -> Any:
         """Both model deployments answer within 10 s."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -27,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 CHUNK_BYTES = 64 * 1024  # one read of the body while streaming it to the file
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class URLRefusedError(ValueError):
@@ -45,8 +47,12 @@ class URLFetchError(RuntimeError):
 
 def redact_url(url: str) -> str:
     """The URL for logs and error messages: scheme://host[:port]/path, never the query string, fragment or
-    userinfo."""
-    parts = urlsplit(url)
+    userinfo; `scheme://<invalid host>` for a URL whose host urlsplit rejects (an unclosed '[', say)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        scheme = _SCHEME.match(url)
+        return f"{scheme.group(1).lower() if scheme else ''}://<invalid host>"
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -152,7 +158,11 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection, http.client.HTTPSConnection)
 def _checked_connection(url: str, allow_private: bool, deadline: _Deadline) -> _PinnedHTTPConnection:
     """An unopened connection for ``url``, pinned to the addresses its host resolves to; URLRefusedError
     when the URL may not be fetched."""
-    shown, parts = redact_url(url), urlsplit(url)
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed '[', a bracketed host that is no IP address, ...
+        raise URLRefusedError(f"refused {shown}: not a valid URL") from None
     if parts.scheme not in DEFAULT_PORTS:
         raise URLRefusedError(f"refused {shown}: only http and https URLs may be fetched")
     if "@" in parts.netloc:
@@ -246,7 +256,12 @@ def fetch_url(
                 location = response.getheader("Location")
                 if not location:
                     raise URLFetchError(f"{shown} answered HTTP {response.status} without a Location")
-                url = urljoin(url, location)
+                try:
+                    url = urljoin(url, location)
+                except ValueError:
+                    raise URLRefusedError(
+                        f"refused {shown}: it redirects to a URL that is not valid"
+                    ) from None
                 continue
             if response.status >= 300:
                 raise URLFetchError(f"fetching {shown} failed: HTTP {response.status} {response.reason}")

@@ -173,3 +173,38 @@ def test_bad_endpoint_and_credentials_config():
         )
     with pytest.raises(ValueError, match="not an s3"):
         S3ObjectStore(StorageConfig(endpoint_url="http://h:1")).read_bytes("/local/path")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoints_are_pruned_to_the_newest_complete_ones(where, tmp_path, request):
+    """`prune_checkpoints`: the newest `keep` complete checkpoints stay, older complete ones and a save cut short
+    before the newest complete one go, and a save newer than it (maybe in progress) is left alone."""
+    from veason_ray.training.checkpoint import (
+        COMPLETE_MARKER,
+        checkpoint_tag,
+        latest_complete,
+        prune_checkpoints,
+    )
+
+    storage = request.getfixturevalue("s3_server") if where == "s3" else None
+    root = (
+        f"{request.getfixturevalue('s3_bucket')}/run/checkpoints" if where == "s3" else str(tmp_path / "ckpt")
+    )
+    store = store_for(root, storage)
+    for step, complete in ((10, True), (20, True), (25, False), (30, True), (40, True), (50, False)):
+        tag = join_uri(root, checkpoint_tag(step))
+        store.write_bytes(join_uri(tag, "model/weights.bin"), b"w" * 64)
+        if complete:
+            store.write_bytes(join_uri(tag, COMPLETE_MARKER), b"{}")
+    removed = prune_checkpoints(root, keep=2, storage=storage)
+    assert [uri.rsplit("/", 1)[-1] for uri in removed] == ["step_00000010", "step_00000020", "step_00000025"]
+    left = {uri[len(root) + 1 :].split("/")[0] for uri in store.list_files(root)}
+    assert left == {"step_00000030", "step_00000040", "step_00000050"}
+    assert latest_complete(root, storage) == join_uri(root, "step_00000040")
+    assert prune_checkpoints(root, keep=0, storage=storage) == []  # 0 keeps every complete one
+    store.delete_tree(join_uri(root, "step_00000050"))
+    store.delete_tree(join_uri(root, "step_00000099"))  # absent: nothing happens
+    assert {uri[len(root) + 1 :].split("/")[0] for uri in store.list_files(root)} == {
+        "step_00000030",
+        "step_00000040",
+    }

@@ -241,3 +241,12 @@ def test_readme_jobs_run_stop_and_resume_on_a_local_head(
     assert summary["expressions"] + summary.get("failed", 0) == expressions, summary
     assert store.list_files(join_uri(evaluation, "masks")), "mask PNGs were not written to the bucket"
     assert store.exists(join_uri(evaluation, "summary.md"))
+
+    # secrets: the S3 credentials appear in no file the jobs wrote (bucket: checkpoints, configs, metrics, logs,
+    # wandb, results; here: the jobs' console logs)
+    secrets = [s3_server.access_key_id.encode(), s3_server.secret_access_key.encode()]
+    written = [(uri, store.read_bytes(uri)) for uri in store.list_files(run)]
+    written += [(str(path), path.read_bytes()) for path in tmp_path.glob("*.log")]
+    assert len(written) > 20
+    leaks = [where for where, data in written if any(secret in data for secret in secrets)]
+    assert leaks == [], f"S3 credentials written to {leaks}"

@@ -368,6 +368,9 @@ class TrainerConfig:
     steps: int = field(default=625, metadata=ge(0))
     prompts_per_step: int = field(default=16, metadata=ge(1))
     save_every: int = field(default=50, metadata=ge(0))
+    # complete checkpoints kept under <run.output_dir>/checkpoints (older ones, and any save cut short before the
+    # newest complete one, are removed after each save); 0 keeps them all
+    keep_checkpoints: int = field(default=3, metadata=ge(0))
     resume: bool = True
     log_every: int = field(default=1, metadata=ge(0))
     sample_images_every: int = field(default=25, metadata=ge(0))

@@ -12,7 +12,9 @@ Error messages name the URI and never contain credentials.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -116,6 +118,10 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def file_size(self, uri: str) -> int:
         """Size in bytes; FileNotFoundError when absent."""
+
+    @abc.abstractmethod
+    def delete_tree(self, uri_prefix: str) -> None:
+        """Remove the folder ``uri_prefix`` and everything below it; nothing when it does not exist."""
 
     @abc.abstractmethod
     def _sizes_below(self, uri_prefix: str) -> dict[str, int]:
@@ -223,6 +229,9 @@ class LocalObjectStore(ObjectStore):
 
     def list_files(self, uri_prefix: str) -> list[str]:
         return sorted(self._sizes_below(uri_prefix))
+
+    def delete_tree(self, uri_prefix: str) -> None:
+        shutil.rmtree(self._path(uri_prefix), ignore_errors=True)
 
     def _open_output(self, uri: str) -> AbstractContextManager[BinaryIO]:
         return _atomic_local_write(self._path(uri))
@@ -359,6 +368,13 @@ class S3ObjectStore(ObjectStore):
 
     def list_files(self, uri_prefix: str) -> list[str]:
         return sorted(self._sizes_below(uri_prefix))
+
+    def delete_tree(self, uri_prefix: str) -> None:
+        with self._errors(uri_prefix, "delete"):
+            if self.exists(uri_prefix):
+                self.filesystem.delete_dir_contents(self._key(uri_prefix), missing_dir_ok=True)
+                with contextlib.suppress(OSError):  # S3 has no folders; MinIO-like stores may keep a marker
+                    self.filesystem.delete_dir(self._key(uri_prefix))
 
     def _open_output(self, uri: str) -> AbstractContextManager[BinaryIO]:
         return _S3Writer(self, uri)

@@ -6,7 +6,8 @@ Layout of one checkpoint (`tag` = `step_00000012`):
     <root>/<tag>/rng_rank<R>.pt       python, numpy, torch (and CUDA) generator states of rank R
     <root>/<tag>/<other parts>        what the caller adds (the GRPO driver: its data position)
     <root>/<tag>/COMPLETE             written last, once every part is in place
-A checkpoint without COMPLETE (a run killed while saving) is never resumed from.
+A checkpoint without COMPLETE (a run killed while saving) is never resumed from, and `prune_checkpoints` removes
+it once a later one is complete, with the complete ones beyond the newest `keep`.
 
 On s3:// each rank saves into a local staging folder and uploads what it wrote; loading downloads the tag.
 """
@@ -107,3 +108,30 @@ def latest_complete(root: str, storage: StorageConfig | None = None) -> str | No
         if len(parts) == 2 and parts[1] == COMPLETE_MARKER and (match := _TAG.match(parts[0])):
             steps[int(match.group(1))] = join_uri(root, parts[0])
     return steps[max(steps)] if steps else None
+
+
+def prune_checkpoints(root: str, keep: int, storage: StorageConfig | None = None) -> list[str]:
+    """Remove, under `root`, the complete checkpoints older than the newest `keep` (0: keep them all) and every
+    incomplete one older than the newest complete one (a save that was cut short); returns what was removed.
+    A checkpoint newer than the newest complete one may be a save in progress and is left alone."""
+    store = store_for(root, storage)
+    if not store.exists(root):
+        return []
+    prefix = root.rstrip("/")
+    tags: dict[int, bool] = {}  # step -> complete
+    for uri in store.list_files(root):
+        parts = uri[len(prefix) + 1 :].split("/")
+        if len(parts) >= 2 and (match := _TAG.match(parts[0])):
+            step = int(match.group(1))
+            tags[step] = tags.get(step, False) or (len(parts) == 2 and parts[1] == COMPLETE_MARKER)
+    complete = sorted(step for step, done in tags.items() if done)
+    if not complete:
+        return []
+    kept = set(complete[-keep:]) if keep > 0 else set(complete)
+    doomed = [s for s in sorted(tags) if s < complete[-1] and s not in kept]
+    removed = []
+    for step in doomed:
+        uri = join_uri(root, checkpoint_tag(step))
+        store.delete_tree(uri)
+        removed.append(uri)
+    return removed
