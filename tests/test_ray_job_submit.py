@@ -208,11 +208,13 @@ def test_readme_jobs_run_stop_and_resume_on_a_local_head(
     run = join_uri(bucket, "runs/demo")
 
     # GRPO: stopped once its step-2 checkpoint is complete, then submitted again: it resumes there and finishes
-    first = submit(commands["grpo"], env, tmp_path / "grpo-1.log")
+    # the README's command, shortened to 4 steps with a checkpoint every 2 (the demo trains 20, saving every 10)
+    grpo = commands["grpo"] + " trainer.steps=4 trainer.save_every=2"
+    first = submit(grpo, env, tmp_path / "grpo-1.log")
     checkpoint = join_uri(run, "checkpoints", checkpoint_tag(2), COMPLETE_MARKER)
     stop_when(lambda: store.exists(checkpoint), first, tmp_path / "grpo-1.log", ray_head, env)
     assert not store.exists(join_uri(run, "policy_hf/config.json"))  # stopped before the end
-    text = finish(submit(commands["grpo"], env, tmp_path / "grpo-2.log"), tmp_path / "grpo-2.log")
+    text = finish(submit(grpo, env, tmp_path / "grpo-2.log"), tmp_path / "grpo-2.log")
     assert f"(resumed from {join_uri(run, 'checkpoints', checkpoint_tag(2))})" in text, text[-3000:]
     assert "GRPO finished at step 4" in text
     steps = [row["step"] for row in jsonl(store, join_uri(run, "metrics.jsonl"))]
