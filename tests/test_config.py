@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -83,20 +86,11 @@ def test_bad_values_name_the_key(override, message):
 
 def test_every_number_field_declares_its_bounds():
     """Each int/float key of the tree states what it accepts (field metadata), so no value goes unchecked."""
-    import dataclasses
-    import typing
-
-    from veason_ray.config import VeasonConfig
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                yield from walk(hints[f.name], f"{prefix}{f.name}.")
-            elif hints[f.name] in (int, float) and f.name != "seed":
-                yield f"{prefix}{f.name}", "bounds" in f.metadata
-
-    keys = dict(walk(VeasonConfig, ""))
+    keys = {
+        key: "bounds" in f.metadata
+        for key, f, hint in _config_fields(VeasonConfig)
+        if hint in (int, float) and f.name != "seed"
+    }
     assert len(keys) > 140 and "serve.masks.max_batch_size" in keys and "rollout.sampling.top_p" in keys
     assert [key for key, bounded in keys.items() if not bounded] == []
 
@@ -174,16 +168,13 @@ def test_a_command_with_a_default_config_keeps_it_when_given_only_overrides(tmp_
         config_from_args(parser.parse_args(["rollout.x=1"]), "demo")
 
 
-def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, field name) of every field of the config tree under `cls`."""
-    out = []
+def _config_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every field of the config tree under `cls`, nested sections included."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        out.append((key, f.name))
-        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if nested is not None and dataclasses.is_dataclass(nested):
-            out += _config_fields(nested, f"{key}.")
-    return out
+        yield f"{prefix}{f.name}", f, hints[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _config_fields(hints[f.name], f"{prefix}{f.name}.")
 
 
 def test_every_config_field_is_read_somewhere():
@@ -199,7 +190,7 @@ def test_every_config_field_is_read_somewhere():
     )
     unread = [
         key
-        for key, name in _config_fields(VeasonConfig)
-        if not re.search(rf"\.{name}\b|[\"']{name}[\"']", source)
+        for key, f, _ in _config_fields(VeasonConfig)
+        if not re.search(rf"\.{f.name}\b|[\"']{f.name}[\"']", source)
     ]
     assert unread == [], f"config keys that no code reads: {unread}"

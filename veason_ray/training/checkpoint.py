@@ -97,41 +97,39 @@ def mark_complete(uri: str, info: dict[str, Any], storage: StorageConfig | None 
     store_for(uri, storage).write_bytes(join_uri(uri, COMPLETE_MARKER), json.dumps(info).encode())
 
 
-def latest_complete(root: str, storage: StorageConfig | None = None) -> str | None:
-    """The URI of the highest-step complete checkpoint under `root`, or None."""
+def _checkpoint_folders(root: str, storage: StorageConfig | None) -> dict[int, tuple[str, bool]]:
+    """Every checkpoint folder under `root`: its step -> (its URI, whether its COMPLETE marker is there)."""
     store = store_for(root, storage)
     if not store.exists(root):
-        return None
-    steps = {}
+        return {}
+    prefix = root.rstrip("/")
+    folders: dict[int, tuple[str, bool]] = {}
     for uri in store.list_files(root):
-        parts = uri[len(root.rstrip("/")) + 1 :].split("/")
-        if len(parts) == 2 and parts[1] == COMPLETE_MARKER and (match := _TAG.match(parts[0])):
-            steps[int(match.group(1))] = join_uri(root, parts[0])
-    return steps[max(steps)] if steps else None
+        parts = uri[len(prefix) + 1 :].split("/")
+        if len(parts) >= 2 and (match := _TAG.match(parts[0])):
+            step = int(match.group(1))
+            complete = len(parts) == 2 and parts[1] == COMPLETE_MARKER
+            folders[step] = (join_uri(root, parts[0]), folders.get(step, ("", False))[1] or complete)
+    return folders
+
+
+def latest_complete(root: str, storage: StorageConfig | None = None) -> str | None:
+    """The URI of the highest-step complete checkpoint under `root`, or None."""
+    complete = {step: uri for step, (uri, done) in _checkpoint_folders(root, storage).items() if done}
+    return complete[max(complete)] if complete else None
 
 
 def prune_checkpoints(root: str, keep: int, storage: StorageConfig | None = None) -> list[str]:
     """Remove, under `root`, the complete checkpoints older than the newest `keep` (0: keep them all) and every
     incomplete one older than the newest complete one (a save that was cut short); returns what was removed.
     A checkpoint newer than the newest complete one may be a save in progress and is left alone."""
-    store = store_for(root, storage)
-    if not store.exists(root):
-        return []
-    prefix = root.rstrip("/")
-    tags: dict[int, bool] = {}  # step -> complete
-    for uri in store.list_files(root):
-        parts = uri[len(prefix) + 1 :].split("/")
-        if len(parts) >= 2 and (match := _TAG.match(parts[0])):
-            step = int(match.group(1))
-            tags[step] = tags.get(step, False) or (len(parts) == 2 and parts[1] == COMPLETE_MARKER)
-    complete = sorted(step for step, done in tags.items() if done)
+    folders = _checkpoint_folders(root, storage)
+    complete = sorted(step for step, (_, done) in folders.items() if done)
     if not complete:
         return []
     kept = set(complete[-keep:]) if keep > 0 else set(complete)
-    doomed = [s for s in sorted(tags) if s < complete[-1] and s not in kept]
-    removed = []
-    for step in doomed:
-        uri = join_uri(root, checkpoint_tag(step))
+    doomed = [folders[s][0] for s in sorted(folders) if s < complete[-1] and s not in kept]
+    store = store_for(root, storage)
+    for uri in doomed:
         store.delete_tree(uri)
-        removed.append(uri)
-    return removed
+    return doomed
