@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo test test-slow faults lint
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# the whole fault-injection suite (docs/reliability.md): each fault during a GRPO run on the embedded default
+faults: setup
+	$(PY) -m pytest -q -s -rA -m "slow or not slow" tests/faults
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -57,7 +57,16 @@ class LearnerWorker:
         """This node's address and a free port, for rank 0 to host the process group."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, model_dir: str, reference_dir: str) -> dict[str, Any]:
+    def setup(
+        self, master_addr: str, master_port: int, model_dir: str, reference_dir: str, ranks_on_node: int = 1
+    ) -> dict[str, Any]:
+        """Join the process group and build the engine, the reference and the transport. `ranks_on_node`:
+        the learner ranks sharing this node's cores for `learner.optimizer_threads=0`."""
+        threads = self.cfg.learner.optimizer_threads or max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+        if self.cfg.learner.offload_optimizer:  # else the CPU threads Ray gave this actor (num_cpus) stay
+            # Ray set OMP_NUM_THREADS to this actor's num_cpus; DeepSpeedCPUAdam's OpenMP runtime reads it when
+            # its extension loads (below, in build_engine), torch's intra-op pool from set_num_threads.
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         import deepspeed
         import torch
         from transformers import AutoProcessor
@@ -90,6 +99,8 @@ class LearnerWorker:
             verbose=False,
         )
         torch.manual_seed(self.cfg.run.seed + self.rank)
+        if self.cfg.learner.offload_optimizer:
+            torch.set_num_threads(threads)
         learner = self.cfg.learner
         self.processor = AutoProcessor.from_pretrained(model_dir)
         attn = self.cfg.model.attn_implementation
@@ -258,13 +269,33 @@ class LearnerGroup:
         self.workers = [
             actor_cls.options(**quiet, **options[rank]).remote(cfg, rank, world) for rank in range(world)
         ]
-        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        places = self._gather(
+            [w.rendezvous.remote() for w in self.workers], "rendezvous"
+        )  # (node address, a free port)
+        addr, port = places[0]
+        nodes = [node for node, _ in places]
         reference = reference_dir or cfg.model.reference or model_dir
         start = time.perf_counter()
-        self.setup_info = ray.get(
-            [w.setup.remote(addr, port, str(model_dir), str(reference)) for w in self.workers]
+        self.setup_info = self._gather(
+            [
+                w.setup.remote(addr, port, str(model_dir), str(reference), nodes.count(node))
+                for w, node in zip(self.workers, nodes, strict=True)
+            ],
+            "setup",
         )
         self.setup_seconds = time.perf_counter() - start
+
+    def _gather(self, calls: list[Any], what: str) -> list[Any]:
+        """Every rank's answer to its call `what`, each within `learner.timeout_s`; a rank that does not answer
+        in time fails the call naming the ranks still out (a hung collective otherwise blocks forever)."""
+        timeout = self.cfg.learner.timeout_s
+        _, pending = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+        if pending:
+            late = [rank for rank, call in enumerate(calls) if call in pending]
+            raise TimeoutError(
+                f"learner {what}: rank(s) {late} did not answer within learner.timeout_s={timeout:g} s"
+            )
+        return ray.get(calls)
 
     # ---- batches ----
 
@@ -277,45 +308,50 @@ class LearnerGroup:
         return [list(items[share]) for share in contiguous_slices(len(items), world)]
 
     def _prepare(self, items: Sequence[TrainItem]) -> tuple[int, float]:
-        infos = ray.get(
-            [w.prepare.remote(share) for w, share in zip(self.workers, self._split(items), strict=True)]
+        infos = self._gather(
+            [w.prepare.remote(share) for w, share in zip(self.workers, self._split(items), strict=True)],
+            "prepare",
         )
         return max(int(i["micro_batches"]) for i in infos), sum(i["normalizer"] for i in infos)
 
     def update(self, items: Sequence[TrainItem]) -> dict[str, float]:
         """One GRPO optimizer step on `items`; the batch's metrics."""
         count, normalizer = self._prepare(items)
-        return combine_metrics(ray.get([w.update.remote(count, normalizer) for w in self.workers]))
+        return combine_metrics(
+            self._gather([w.update.remote(count, normalizer) for w in self.workers], "update")
+        )
 
     def logprobs(self, items: Sequence[TrainItem], which: str = "policy") -> list[list[float]]:
         """Per item, the log-probs of its response tokens under the current policy or the reference."""
         count, _ = self._prepare(items)
         return [
-            lp for part in ray.get([w.logprobs.remote(count, which) for w in self.workers]) for lp in part
+            lp
+            for part in self._gather([w.logprobs.remote(count, which) for w in self.workers], "logprobs")
+            for lp in part
         ]
 
     def device_memory(self) -> list[dict[str, float]]:
         """Per rank, peak GPU memory since the last call (GiB)."""
-        return ray.get([w.device_memory.remote() for w in self.workers])
+        return self._gather([w.device_memory.remote() for w in self.workers], "device_memory")
 
     # ---- weights: the rollout pool's sender ----
 
     def push(self, engines: Sequence[Any], version: int) -> SyncReport:
-        return ray.get([w.push_weights.remote(list(engines), version) for w in self.workers])[0]
+        return self._gather([w.push_weights.remote(list(engines), version) for w in self.workers], "push")[0]
 
     def weight_checksum(self) -> WeightChecksum:
-        return ray.get([w.weight_checksum.remote() for w in self.workers])[0]
+        return self._gather([w.weight_checksum.remote() for w in self.workers], "weight_checksum")[0]
 
     def replay(self, engines: Sequence[Any], all_engines: Sequence[Any]) -> SyncReport | None:
         calls = [w.replay_weights.remote(list(engines), list(all_engines)) for w in self.workers]
-        return ray.get(calls)[0]
+        return self._gather(calls, "replay")[0]
 
     # ---- checkpoints ----
 
     def save(self, root: str, step: int, parts: dict[str, bytes] | None = None) -> str:
         """Checkpoint `step` under `root`: every rank's state, then `parts` (name -> bytes, e.g. the driver's
         state), then the COMPLETE marker. Returns the checkpoint's URI."""
-        uri = ray.get([w.save.remote(root, step) for w in self.workers])[0]
+        uri = self._gather([w.save.remote(root, step) for w in self.workers], "save")[0]
         store = store_for(uri, self.cfg.storage)
         for name, data in (parts or {}).items():
             store.write_bytes(join_uri(uri, name), data)
@@ -323,7 +359,7 @@ class LearnerGroup:
         return uri
 
     def load(self, uri: str) -> int:
-        steps = ray.get([w.load.remote(uri) for w in self.workers])
+        steps = self._gather([w.load.remote(uri) for w in self.workers], "load")
         return steps[0]
 
     def latest_checkpoint(self, root: str) -> str | None:
@@ -331,7 +367,7 @@ class LearnerGroup:
 
     def export(self, uri: str) -> str:
         """The policy as a Hugging Face folder (LoRA merged) at a local path or s3://."""
-        return ray.get([w.export.remote(uri) for w in self.workers])[0]
+        return self._gather([w.export.remote(uri) for w in self.workers], "export")[0]
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -109,15 +109,15 @@ def engine_args(
     on_gpu: bool,
     dtype: str = "bfloat16",
     seed: int = 0,
-    load_checkpoint: bool = True,
     colocated: bool = True,
 ) -> dict[str, Any]:
     """The keyword arguments of vLLM's `LLM` for a rollout engine. Log stats stay on: the prefix-cache counters
-    of `last_generate_stats` are vLLM's stats. `load_checkpoint=False`: weights initialised without reading
-    the checkpoint (vLLM's "dummy" load), for an engine whose weights are pushed to it right after it starts.
+    of `last_generate_stats` are vLLM's stats. The weights always come from the checkpoint, also for an engine
+    whose weights are pushed right after it starts: vLLM's "dummy" load also randomises the model's persistent
+    buffers, which no push carries (a replacement engine started that way sampled from a broken model).
     On GPUs vLLM's weight-transfer backend is the receiver's of the resolved transport (`colocated`: the learner
     shares the engine's GPU, placement.mode colocated; it decides `rollout.weight_transport` auto)."""
-    kwargs: dict[str, Any] = {} if load_checkpoint else {"load_format": "dummy"}
+    kwargs: dict[str, Any] = {}
     if on_gpu:
         backend = receiver_class(cfg.weight_transport, on_gpu, colocated).vllm_backend
         kwargs.update(
@@ -263,9 +263,11 @@ class RolloutEngine:
         cfg: RolloutConfig,
         dtype: str = "bfloat16",
         seed: int = 0,
-        load_checkpoint: bool = True,
         colocated: bool = True,
+        hang_first_generate_s: float = 0.0,
     ) -> None:
+        """`hang_first_generate_s` (rollout.inject_hang_s, fault injection): this actor's first generate blocks
+        that long, or until `abort_engine`, as a hung vLLM would."""
         import torch
 
         self.on_gpu = torch.cuda.is_available()
@@ -279,25 +281,23 @@ class RolloutEngine:
         self.weights = receiver_class(cfg.weight_transport, self.on_gpu, colocated)()
         # held while vLLM generates: `abort_engine` (another thread) must not shut an in-process core down then
         self._generating = threading.Lock()
-        self._start_engine(load_checkpoint)
+        self._hang_s, self._unhang = hang_first_generate_s, threading.Event()
+        self._start_engine()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
         self.vision_token_ids = vision_token_ids(tokenizer)
 
-    def _start_engine(self, load_checkpoint: bool) -> None:
+    def _start_engine(self) -> None:
         """Build vLLM's `LLM` (the actor's first, or a restart's) with fresh per-engine state: weight version 0
-        (the checkpoint, or dummy weights the pool replays into). The weight receiver serves the new vLLM (set
+        (the checkpoint; the pool replays pushed weights into it). The weight receiver serves the new vLLM (set
         up again as it was for the old one, where it had a transfer channel)."""
         from vllm import LLM
 
         start = time.perf_counter()
-        args = engine_args(
-            self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, load_checkpoint, self.colocated
-        )
+        args = engine_args(self.model_dir, self.cfg, self.on_gpu, self.dtype, self.seed, self.colocated)
         with torch_threads_settable():  # vLLM's CPU worker: no set_num_threads warning at each request
             self.llm = LLM(**args)
         self.start_seconds = time.perf_counter() - start
-        self.load_checkpoint = load_checkpoint
         self.version = 0
         self._last_stats: dict[str, float] = {}
         self._dead = ""  # why this vLLM is dead; "" while it serves
@@ -319,7 +319,6 @@ class RolloutEngine:
             "engine_core": "separate" if separate else "inproc",
             "engine_core_pid": processes[0].pid if processes else os.getpid(),
             "engine_starts": self.engine_starts,  # 1 + restarts in place
-            "weights": "checkpoint" if self.load_checkpoint else "dummy (pushed after start)",
         }
 
     @ray.method(concurrency_group="control")
@@ -331,6 +330,7 @@ class RolloutEngine:
         if self.llm is None:  # between two engines of a restart
             return
         self._dead = self._dead or reason
+        self._unhang.set()
         if engine_core_processes(self.llm):
             self._close_engine()
             wake_waiting_generate(self.llm.llm_engine.engine_core)
@@ -342,7 +342,7 @@ class RolloutEngine:
         else:
             fail_next_step(self.llm)
 
-    def restart_engine(self, load_checkpoint: bool = True) -> dict[str, Any]:
+    def restart_engine(self) -> dict[str, Any]:
         """Replace this actor's vLLM by a new one from the same engine arguments, in this process: no process
         spawn and no imports (on an H100 a new actor spends ~23 s on those besides vLLM's own start). Returns
         `ready()`; the new engine serves weight version 0 until the pool replays its weights. Runs after any
@@ -356,7 +356,7 @@ class RolloutEngine:
         self._close_engine()
         self.llm = None
         gc.collect()  # the old engine's weights and KV cache, before the new one measures free memory
-        self._start_engine(load_checkpoint)
+        self._start_engine()
         return self.ready()
 
     def _close_engine(self) -> None:
@@ -428,6 +428,11 @@ class RolloutEngine:
                 raise RolloutEngineDead(
                     f"rollout engine's vLLM is dead ({self._dead}); restart_engine replaces it"
                 )
+            if self._hang_s:  # rollout.inject_hang_s
+                hang, self._hang_s = self._hang_s, 0.0
+                log.warning("rollout.inject_hang_s: this generate hangs %g s or until aborted", hang)
+                if self._unhang.wait(hang) and self._dead:
+                    raise RolloutEngineDead(f"rollout engine's vLLM was aborted ({self._dead})")
             try:
                 return self.llm.generate(prompts, params, use_tqdm=False)
             except Exception as error:
@@ -474,6 +479,9 @@ class RolloutEngine:
         bias = {i: _BANNED_LOGIT for i in self.vision_token_ids} if self.cfg.suppress_vision_tokens else None
         params = [answer_sampling_params(settings, item.frame_indices, bias) for item in inputs]
         outputs = self._run(prompts, params)
+        # vLLM's multimodal processor cache keeps every processed image it has seen (up to 4 GiB): a Serve
+        # replica, which sees new frames each request, grew ~2 MiB a frame until then
+        self.llm.reset_mm_cache()
         completions = [out.outputs[0] for out in outputs]
         self._last_stats = {
             "answers": float(len(completions)),

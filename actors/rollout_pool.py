@@ -83,6 +83,7 @@ class RolloutPool:
         self.asleep = False
         self.restart_seconds: list[float] = []
         self.last_restart: EngineRestart | None = None
+        self._hang_injected = False  # rollout.inject_hang_s goes to engine 0's first actor only
         gpus = cfg.gpus_per_engine * cfg.tensor_parallel_size
         quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
         # "control": a thread of its own for `abort_engine`, which must answer while a generate blocks the actor
@@ -126,12 +127,14 @@ class RolloutPool:
 
     @property
     def _replays_weights(self) -> bool:
-        """Weights were pushed: a restarted engine gets them replayed, so its new vLLM skips the checkpoint."""
+        """Weights were pushed: a restarted engine gets them replayed over the checkpoint it loaded."""
         return self.sender is not None and self.version > 0
 
     def _spawn(self, index: int) -> Any:
+        hang = self.cfg.inject_hang_s if index == 0 and not self._hang_injected else 0.0
+        self._hang_injected = self._hang_injected or index == 0
         return self._actor_cls.options(**self._scheduling[index]).remote(
-            self.model_dir, self.cfg, self.dtype, self.seed or 0, not self._replays_weights, self.colocated
+            self.model_dir, self.cfg, self.dtype, self.seed or 0, self.colocated, hang
         )
 
     # ---- generation ----
@@ -180,8 +183,7 @@ class RolloutPool:
     def restart(self, engine: int, in_place: bool | None = None) -> float:
         """Restart engine `engine`, re-synced to the pool's weight version; returns seconds (the split:
         `last_restart`). In place when `in_place` (default `rollout.restart_in_place`) and the actor can; else
-        the actor is replaced. When weights were pushed, the new vLLM skips reading the checkpoint (vLLM's
-        dummy load): the replay overwrites every weight anyway."""
+        the actor is replaced. The new vLLM loads the checkpoint, then gets the pushed weights replayed."""
         self.supervisor.restart(engine, in_place)
         return self.last_restart.seconds
 
@@ -191,9 +193,9 @@ class RolloutPool:
         began = time.perf_counter()
         engine = self.engines[restart.slot]
         if self._replays_weights and self.sender.replay([engine], self.engines) is None:
-            raise RuntimeError(  # never serve a dummy-initialised engine
-                f"rollout engine {restart.slot} restarted without its checkpoint, but the weight sender had "
-                f"nothing to replay for version {self.version}"
+            raise RuntimeError(  # never serve the checkpoint's weights under a later version
+                f"rollout engine {restart.slot} restarted, but the weight sender had nothing to replay for "
+                f"version {self.version}"
             )
         if self.asleep:
             ray.get(engine.sleep.remote(self.cfg.sleep_level))
@@ -212,7 +214,7 @@ class RolloutPool:
         timeout = self.cfg.restart_in_place_timeout_s
         try:
             ray.get(engine.abort_engine.remote("restarted by the pool"), timeout=STOP_TIMEOUT_S)
-            return ray.get(engine.restart_engine.remote(not self._replays_weights), timeout=timeout), ""
+            return ray.get(engine.restart_engine.remote(), timeout=timeout), ""
         except GetTimeoutError:
             return None, (
                 f"no answer in time (abort_engine: {STOP_TIMEOUT_S:g} s, restart_engine: "

@@ -9,10 +9,13 @@ allocator warm-up):
     lora   LoRA rank 64 on the language model's linear layers, reference = the policy with adapters off
 Prints seconds per update (and of it, the reference model's forward passes and the optimizer step; the rest is
 the policy's forward and backward), tokens/s ((prompt + response) tokens / update seconds), response tokens/s and the
-peak GPU memory of the rank.
+peak GPU memory of the rank. `--variants` runs each setting once per named list of config overrides, one
+learner group after the other on the same machine (e.g. a change against its old path, in one call).
 
     python benchmarks/learner.py                  # GPU, 3B shapes
     python benchmarks/learner.py --tiny           # CPU check: tiny model, 2 gloo ranks
+    python benchmarks/learner.py --settings full \
+        --variants "old:learner.logprob_chunk_tokens=0,learner.optimizer_threads=1;new:"
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_key, _value)
 
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -33,6 +38,7 @@ import torch  # noqa: E402
 from actors.learner import LearnerGroup  # noqa: E402
 from benchmarks.rollout import make_groups, write_random_3b  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
+from veason_ray.config_loading import load_config  # noqa: E402
 from veason_ray.records import TrainItem  # noqa: E402
 
 
@@ -54,23 +60,41 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def learner_config(setting: str, tiny: bool, micro_batch_size: int) -> VeasonConfig:
-    cfg = VeasonConfig()
-    lc = cfg.learner
-    lc.workers = 2 if tiny else 1
-    lc.gpus_per_worker = 0 if tiny else 1
-    lc.micro_batch_size = micro_batch_size
-    lc.bf16 = not tiny
-    lc.gradient_checkpointing = True
-    lc.zero_stage = 2
-    lc.offload_optimizer = setting == "full" and not tiny
-    lc.lora.enabled = setting == "lora"
-    cfg.model.dtype = "float32" if tiny else "bfloat16"
-    return cfg
+def learner_config(
+    setting: str, tiny: bool, micro_batch_size: int, overrides: list[str] | None = None
+) -> VeasonConfig:
+    """The setting's learner config, then `overrides` (dotted KEY=VALUE, as on the command line)."""
+    yaml_bool = {True: "true", False: "false"}
+    return load_config(
+        None,
+        [
+            f"learner.workers={2 if tiny else 1}",
+            f"learner.gpus_per_worker={0 if tiny else 1}",
+            f"learner.micro_batch_size={micro_batch_size}",
+            f"learner.bf16={yaml_bool[not tiny]}",
+            "learner.gradient_checkpointing=true",
+            "learner.zero_stage=2",
+            f"learner.offload_optimizer={yaml_bool[setting == 'full' and not tiny]}",
+            f"learner.lora.enabled={yaml_bool[setting == 'lora']}",
+            f"model.dtype={'float32' if tiny else 'bfloat16'}",
+            *(overrides or []),
+        ],
+    )
 
 
-def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argparse.Namespace) -> dict:
-    cfg = learner_config(setting, args.tiny, args.micro_batch_size)
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """ "old:a=1,b=2;new:" -> {"old": ["a=1", "b=2"], "new": []}; empty text: one variant of the defaults."""
+    variants = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, overrides = part.partition(":")
+        variants[name.strip()] = [o.strip() for o in overrides.split(",") if o.strip()]
+    return variants or {"default": []}
+
+
+def run_setting(
+    setting: str, overrides: list[str], model_dir: str, items: list[TrainItem], args: argparse.Namespace
+) -> dict:
+    cfg = learner_config(setting, args.tiny, args.micro_batch_size, overrides)
     start = time.perf_counter()
     group = LearnerGroup(cfg, model_dir)
     setup = time.perf_counter() - start
@@ -88,6 +112,7 @@ def run_setting(setting: str, model_dir: str, items: list[TrainItem], args: argp
         group.shutdown()
     return {
         "setting": setting,
+        "overrides": overrides,
         "setup_s": setup,
         "first_s": first["update_seconds"],
         "warmup_sequences": first["sequences"],
@@ -115,6 +140,8 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=300)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--warmup-sequences", type=int, default=8, help="the untimed first update's size")
+    parser.add_argument("--variants", default="", help='"name:key=value,...;name2:..." config overrides')
+    parser.add_argument("--out", default="", help="write the rows as JSON here too")
     args = parser.parse_args()
     if args.tiny:
         args.groups, args.n, args.response_tokens, args.micro_batch_size = 2, 2, 16, 2
@@ -134,13 +161,17 @@ def main() -> None:
         items = make_items(args.groups, args.n, frames, size, args.response_tokens, min(vocab, 150000))
         rows = []
         for setting in args.settings.split(","):
-            rows.append(run_setting(setting, model_dir, items, args))
-            print(f"done: {rows[-1]}", flush=True)
+            for name, overrides in parse_variants(args.variants).items():
+                rows.append({"variant": name, **run_setting(setting, overrides, model_dir, items, args)})
+                print(f"done: {rows[-1]}", flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(rows, indent=1))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"\nLearner: one GRPO update, {len(items)} sequences, {frames} frames at {size}, "
           f"{args.response_tokens} response tokens, micro-batch {args.micro_batch_size}, {device}")  # fmt: skip
     header = (
         "setting",
+        "variant",
         "trainable",
         "setup s",
         "1st update s",
@@ -155,7 +186,7 @@ def main() -> None:
     print(" | ".join(header))
     for r in rows:
         print(
-            f"{r['setting']} | {r['trainable'] / 1e6:.1f} M | {r['setup_s']:.0f} | {r['first_s']:.1f} | "
+            f"{r['setting']} | {r['variant']} | {r['trainable'] / 1e6:.1f} M | {r['setup_s']:.0f} | {r['first_s']:.1f} | "
             f"{r['update_s']:.1f} | {r['reference_s']:.1f} | {r['optimizer_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f}"
         )
     ray.shutdown()

@@ -17,6 +17,15 @@ requests back to back; the requests/s, the client latency, the server's own stag
 On a machine with `nvidia-smi`, the GPU's busy fraction (NVML's utilisation: the share of time a kernel ran)
 is sampled every 0.5 s during each level: at 1 client it bounds what concurrency can add (about 1 / busy).
 
+Sustained (`--sustained SECONDS`): one level of `--clients` clients (default 4) for that long, the memory of the
+server's processes (the Serve controller, proxy and replicas, Ray's own, and the driver: with `--start` this
+process, which also runs the clients; with `--url`, `--server-pid` names a local server's root process) sampled
+every `--memory-every` s (benchmarks/process_memory.py). Printed beside the latency table: per process, USS
+and RSS from `--memory-warmup` s into the level (default a fifth of it) to the end, the peak, the growth per
+1,000 requests (least-squares slope), and the growth of USS less Ray's object store pages between the medians
+of the first and last quarter of the samples. `--distinct-videos K` uploads K different synthetic videos in
+turn, so caches keyed by content (vLLM's multimodal processor cache) see new frames.
+
 req/s counts the 2xx responses over the level's wall time (the last response included); latencies are of the
 2xx responses. Goal (the issue): on one GPU, >= 6x the req/s of 1 client at 16 clients, overhead p50 <= 5 ms.
 Serve's own cost without payload is measured apart: the round trip of the liveness route (no model, no body).
@@ -26,6 +35,7 @@ Serve's own cost without payload is measured apart: the round trip of the livene
     python benchmarks/serve_load.py --url http://host:8000 --video a.mp4 --video-url https://host/b.mp4 \\
         --query "the dog about to jump" --clients 1,4,16 --duration 60 --warmup 4
     python benchmarks/serve_load.py --start serve.masks.max_batch_size=16    # trailing key=value: overrides
+    python benchmarks/serve_load.py --start --tiny --sustained 300 --clients 4 --distinct-videos 64  # memory
 
 --tiny runs on the CPU with this environment: RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1
 VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
@@ -58,6 +68,7 @@ import requests  # noqa: E402
 
 from actors.network import free_port  # noqa: E402
 from benchmarks.evaluate import say, write_models  # noqa: E402
+from benchmarks.process_memory import ProcessMemory, memory_table  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 
 GOAL_RATIO = 6.0  # req/s at 16 clients over 1 client, one GPU
@@ -186,12 +197,19 @@ def served_files(paths: list[str]) -> Iterator[list[str]]:
 
 
 def run_level(
-    base: str, headers: dict, videos: list[Video], args: argparse.Namespace, clients: int, requests_n: int
+    base: str,
+    headers: dict,
+    videos: list[Video],
+    args: argparse.Namespace,
+    clients: int,
+    requests_n: int,
+    outcomes: list[Outcome] | None = None,
 ) -> tuple[list[Outcome], float]:
     """`clients` threads sending back to back: `requests_n` requests in all, or (0) until `args.duration` has
-    passed (requests in flight then finish). The outcomes and the wall seconds to the last response."""
+    passed (requests in flight then finish). The outcomes (appended to `outcomes` as they come, when given)
+    and the wall seconds to the last response."""
     counter = itertools.count()  # next() on it is atomic under the GIL: each request gets its own index
-    outcomes: list[Outcome] = []
+    outcomes = [] if outcomes is None else outcomes
     seen_errors: set[int] = set()
     start = time.perf_counter()
     deadline = start + args.duration
@@ -308,7 +326,9 @@ def table(levels: list[dict], device: str, setup: list[str]) -> str:
     worst = max((r["overhead_ms"]["p50"] or 0.0 for r in levels), default=0.0)
     lines += [
         "",
-        f"req/s at {high['clients']} clients / at {low['clients']} ({low['send']}): {_f(ratio, '.2f')}x (goal >= {GOAL_RATIO:.0f}x "
+        f"Serve overhead p50 at most {worst:.1f} ms (goal <= {GOAL_OVERHEAD_MS:.0f} ms)"
+        if low is high
+        else f"req/s at {high['clients']} clients / at {low['clients']} ({low['send']}): {_f(ratio, '.2f')}x (goal >= {GOAL_RATIO:.0f}x "
         f"at 16 clients on one GPU); Serve overhead p50 at most {worst:.1f} ms (goal <= {GOAL_OVERHEAD_MS:.0f} ms)",
         "answers with a keyframe (SAM2 ran): "
         + ", ".join(f"{r['with_keyframe']}/{r['ok']} at {r['clients']}" for r in levels),
@@ -467,6 +487,57 @@ def measure(
     return levels
 
 
+# ---- sustained load and the server's memory (--sustained) ----
+
+
+def sustained(
+    base: str, headers: dict, videos: list[Video], args: argparse.Namespace, memory: ProcessMemory | None
+) -> tuple[dict, dict | None]:
+    """`args.clients` clients for `args.sustained` seconds after `args.warmup` requests, the server's processes
+    (`memory`) sampled every `args.memory_every` s against the responses received. Returns the level and the
+    memory figures (None without `memory`): per process from `args.memory_warmup` s into the level on."""
+    clients = int(args.clients)
+    if args.warmup:
+        say(f"warm-up: {args.warmup} requests")
+        run_level(base, headers, videos, args, min(args.warmup, clients), args.warmup)
+    say(f"sustained: {clients} clients for {args.sustained:.0f} s, {len(videos)} distinct video(s)")
+    outcomes: list[Outcome] = []
+    sampling = (
+        memory.sampling(args.memory_every, lambda: len(outcomes)) if memory else contextlib.nullcontext()
+    )
+    with sampling, GPUBusySampler() as gpu:
+        outcomes, wall = run_level(base, headers, videos, args, clients, 0, outcomes)
+    level = summarize(clients, outcomes, wall, "sustained", gpu.mean)
+    if memory is None:
+        return level, None
+    warm = memory.progress_after(args.memory_warmup)
+    rows = memory.summaries(warm)
+    return level, {
+        "warmup_s": args.memory_warmup,
+        "warmup_requests": warm,
+        "requests": len(outcomes),
+        "processes": [asdict(row) for row in rows],
+        "series": [asdict(series) for series in memory.series.values()],
+        "table": memory_table(rows, per=1000, unit="requests"),
+        "largest_uss_growth_per_1000": max(rows, key=lambda r: r.uss_slope).uss_slope * 1000,
+    }
+
+
+def memory_text(figures: dict, level: dict) -> str:
+    largest = max(figures["processes"], key=lambda r: r["uss_slope"])
+    return "\n".join(
+        [
+            f"\nmemory of the server's processes, from {figures['warmup_s']:.0f} s into the level "
+            f"(response {figures['warmup_requests']:.0f}) to the end (response {figures['requests']})",
+            "",
+            figures["table"],
+            "",
+            f"largest USS growth: {largest['name']} {largest['uss_slope'] * 1000:+.1f} MiB per 1,000 requests "
+            f"(a response is {_f(level['response_mib'], '.3f')} MiB)",
+        ]
+    )
+
+
 def describe_setup(
     args: argparse.Namespace, videos: list[Video], levels: list[dict], model: str
 ) -> list[str]:
@@ -501,7 +572,9 @@ def parse_args() -> argparse.Namespace:
         "--video-url", action="append", default=[], help="a URL the server fetches (repeatable)"
     )
     parser.add_argument("--query", default="the shape that moves the fastest")
-    parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma separated")
+    parser.add_argument(
+        "--clients", default=None, help="concurrency levels, comma separated (1,4,16; --sustained: one, 4)"
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per level")
     parser.add_argument("--requests", type=int, default=0, help="requests per level instead of --duration")
     parser.add_argument("--warmup", type=int, default=2, help="requests before the first level")
@@ -522,9 +595,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--think-chars", type=int, default=128, help="--start: longest constrained think text"
     )
+    parser.add_argument(
+        "--sustained", type=float, default=0.0, help="one level this long (s), memory sampled"
+    )
+    parser.add_argument("--memory-every", type=float, default=5.0, help="--sustained: seconds a sample")
+    parser.add_argument("--memory-warmup", type=float, help="--sustained: seconds before memory counts")
+    parser.add_argument(
+        "--server-pid", type=int, default=0, help="--url --sustained: server process to sample"
+    )
+    parser.add_argument("--distinct-videos", type=int, default=1, help="--start: synthetic videos, cycled")
     parser.add_argument("--out", default="", help="a JSON file for the figures and every request")
     parser.add_argument("overrides", nargs="*", help="--start: config key=value overrides")
     args = parser.parse_args()
+    if args.sustained:
+        args.clients = args.clients or "4"
+        if "," in args.clients:
+            parser.error("--sustained runs one level: give one --clients count")
+        if args.send != "upload":
+            parser.error("--sustained sends uploads")
+        args.duration = args.sustained
+        args.memory_warmup = args.sustained / 5 if args.memory_warmup is None else args.memory_warmup
+    args.clients = args.clients or "1,4,16"
     if not args.start and not (args.video or args.video_url):
         parser.error("--url needs at least one --video or --video-url")
     args.send = [way.strip() for way in args.send.split(",") if way.strip()]
@@ -548,12 +639,17 @@ def main() -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
     if args.start and not (args.video or args.video_url):
-        path = write_synthetic_video(work / "synthetic.mp4", args.frames, args.height, args.width, seed=0)
-        args.video = [str(path)]
+        paths = [
+            write_synthetic_video(work / f"synthetic_{seed}.mp4", args.frames, args.height, args.width, seed)
+            for seed in range(args.distinct_videos)
+        ]
+        args.video = [str(path) for path in paths]
         say(
-            f"video written: {args.frames} frames of {args.width}x{args.height}, {path.stat().st_size / 2**20:.2f} MiB"
+            f"{len(paths)} video(s) written: {args.frames} frames of {args.width}x{args.height}, "
+            f"{paths[0].stat().st_size / 2**20:.2f} MiB"
         )
     videos = load_videos(args)
+    memory_figures = None
     with started_app(args, work) if args.start else contextlib.nullcontext(args.url.rstrip("/")) as base:
         wait_ready(base, headers, args.ready_timeout)
         info = requests.get(f"{base}/v1/info", headers=headers, timeout=30).json()
@@ -561,8 +657,17 @@ def main() -> int:
         say(f"server ready: {model}; limits {info['limits']}")
         round_trip_ms = empty_round_trip_ms(base, headers)
         say(f"Serve round trip of an empty route (GET /v1/health/live): p50 {round_trip_ms:.1f} ms")
-        levels = [] if args.start else measure(base, headers, videos, args, "as given")
-        for way in args.send if args.start else []:
+        if args.sustained:
+            server = os.getpid() if args.start else args.server_pid
+            label = "driver (and clients)" if args.start else "server root"
+            memory = ProcessMemory(server, label) if server else None
+            if memory is None:
+                say("no --server-pid: the server's memory is not sampled")
+            level, memory_figures = sustained(base, headers, videos, args, memory)
+            levels = [level]
+        else:
+            levels = [] if args.start else measure(base, headers, videos, args, "as given")
+        for way in args.send if args.start and not args.sustained else []:
             if way == "upload":
                 levels += measure(base, headers, videos, args, way)
                 continue
@@ -580,6 +685,8 @@ def main() -> int:
         f"Serve round trip of an empty route (GET /v1/health/live, 50 in a row): p50 {round_trip_ms:.1f} ms"
     )
     text = table(levels, device, setup)
+    if memory_figures:
+        text += "\n" + memory_text(memory_figures, levels[0])
     print(text, flush=True)
     if args.out:
         low, high, ratio = speedup(levels)
@@ -596,6 +703,7 @@ def main() -> int:
             "goals": {"ratio": GOAL_RATIO, "overhead_ms": GOAL_OVERHEAD_MS},
             "empty_round_trip_ms": round_trip_ms,
             "levels": levels,
+            "memory": memory_figures,
             "table": text,
         }
         Path(args.out).write_text(json.dumps(doc, indent=2, default=str))

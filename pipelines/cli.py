@@ -46,8 +46,12 @@ def describe_ray_error(error: BaseException) -> str | None:
     from ray.exceptions import RayActorError, RayTaskError
 
     if isinstance(error, RayActorError):
-        text = str(getattr(error, "error_msg", "") or error).strip().splitlines()
-        return f"a Ray actor died: {text[0] if text else type(error).__name__}"
+        full = str(getattr(error, "error_msg", "") or error)
+        text = full.strip().splitlines()
+        actor = re.search(r"class_name: (\w+)", full)
+        pid = re.search(r"\bpid: (\d+)", full)
+        who = f"{actor.group(1)}{f' (pid {pid.group(1)})' if pid else ''}: " if actor else ""
+        return f"a Ray actor died: {who}{text[0] if text else type(error).__name__}"
     if not isinstance(error, RayTaskError):
         return None
     # "ray::LearnerWorker.setup() (pid=..., ip=...)" heads each level of Ray's message, outermost first

@@ -35,12 +35,14 @@ staleness without adding overlap.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -48,15 +50,16 @@ import ray
 from pipelines import preflight
 from pipelines.config_command import add_config_arguments, config_from_args
 from pipelines.console import console_stream, open_console, say
+from pipelines.grpo_position import DRIVER_STATE, Batch, DriverState, draw_batches
 from pipelines.placement import build_placement
 from pipelines.ray_runtime import init_ray
 from pipelines.run_log import METRICS_FILE, WANDB_ID_FILE, RunLog, save_samples, summary_line
 from veason_ray.config import VeasonConfig
 from veason_ray.config_loading import ConfigError, save_config
-from veason_ray.object_store import join_uri, store_for
+from veason_ray.object_store import is_s3_uri, join_uri, store_for
 from veason_ray.output_mirror import OutputMirror
-from veason_ray.records import PromptGroup, Scored
-from veason_ray.training.checkpoint import prune_checkpoints
+from veason_ray.records import Scored
+from veason_ray.training.checkpoint import checkpoint_tag, latest_complete, prune_checkpoints
 from veason_ray.training.rollout_batch import train_items
 
 if TYPE_CHECKING:
@@ -64,50 +67,7 @@ if TYPE_CHECKING:
     from pipelines.frame_stream import StreamStats
 
 log = logging.getLogger(__name__)
-DRIVER_STATE = "driver_state.json"
-
-
-@dataclass
-class DriverState:
-    """What the driver needs to continue a run as if it had never stopped, as of the last batch trained on: the
-    steps done, the weight version the engines serve, the epoch, the sample keys of this epoch trained on and
-    those skipped (bad data) before the last of them, the next group id (group ids seed the sampling of their
-    responses) and the frame stream's counts (`StreamStats.counts()`). Saved as JSON in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    consumed: list[str] = field(default_factory=list)
-    next_group_id: int = 0
-    weight_version: int = 0
-    skipped: list[str] = field(default_factory=list)
-    stream: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> DriverState:
-        """A checkpoint's state. One saved before a field existed gets the field's default, and its step as the
-        weight version (one push per step)."""
-        doc = json.loads(raw)
-        doc.setdefault("weight_version", doc["step"])
-        return cls(**doc)
-
-    def consume(self, batch: Batch) -> None:
-        """Record `batch` as trained on: the data position a checkpoint keeps."""
-        if batch.epoch != self.epoch:
-            self.epoch, self.consumed = batch.epoch, []
-        self.consumed += [g.sample.key for g in batch.groups]
-        self.skipped, self.stream = list(batch.skipped), dict(batch.stream)
-        self.next_group_id = max(g.group_id for g in batch.groups) + 1
-
-
-@dataclass
-class Batch:
-    """One step's prompt groups, the epoch of the data stream they came from, and where the stream stood once it
-    had drawn them: the epoch's skipped sample keys so far and its counts (`StreamStats.counts()`)."""
-
-    epoch: int
-    groups: list[PromptGroup]
-    skipped: list[str] = field(default_factory=list)
-    stream: dict[str, Any] = field(default_factory=dict)
+FAULT_COUNTS = ("restarts", "timeouts")  # of each pool's supervisor, per run (carried across resumes)
 
 
 @dataclass
@@ -140,30 +100,6 @@ def check_trainer_config(cfg: VeasonConfig) -> None:
             "rollouts one version old must be weighed against the policy that sampled them, not recomputed "
             "with the learner's newer weights; set learner.old_logprobs=engine or trainer.max_staleness=0"
         )
-
-
-def draw_batches(cfg: VeasonConfig, state: DriverState, stats: StreamStats) -> Iterator[Batch]:
-    """Batches of `state`'s epoch without what it consumed or skipped, then of the next epochs, group ids from
-    `state.next_group_id`; `stats` counts what the stream delivers. The stream is in a deterministic order, so a
-    run resumed from the state after batch k draws batch k+1 and on as an uninterrupted run does. The frame
-    stream (and its dataset readers) is imported here: the driver's `step` runs on batches from anywhere."""
-    from pipelines.frame_stream import iter_prompt_groups
-
-    epoch, next_id = state.epoch, state.next_group_id
-    consumed, skipped = list(state.consumed), list(state.skipped)
-    while True:
-        exclude = frozenset(consumed + skipped)
-        first_skip = len(stats.skipped_keys)  # the keys this stream skips follow
-        produced = False
-        for groups in iter_prompt_groups(
-            cfg, epoch=epoch, first_group_id=next_id, put_frames=True, stats=stats, exclude=exclude
-        ):
-            produced = True
-            next_id = groups[-1].group_id + 1
-            yield Batch(epoch, groups, skipped + stats.skipped_keys[first_skip:], stats.counts())
-        if not produced and not exclude:
-            raise RuntimeError(f"data: no usable training sample in {cfg.data.root} ({cfg.data.train_split})")
-        epoch, consumed, skipped = epoch + 1, [], []
 
 
 def run_outputs(cfg: VeasonConfig) -> OutputMirror:
@@ -219,6 +155,7 @@ class GRPODriver:
             else None
         )
         self.state = DriverState()
+        self.faults_before: dict[str, int] = {}  # the pools' fault counts of the run before its last resume
         self.saved_step = 0  # the step of the latest complete checkpoint (0: none, the starting policy)
         self.stats: StreamStats | None = None  # the frame stream's counts, once `batches` runs
         self.resumed_from = self._resume()
@@ -234,6 +171,7 @@ class GRPODriver:
             store_for(latest, self.cfg.storage).read_bytes(join_uri(latest, DRIVER_STATE))
         )
         self.saved_step = step
+        self.faults_before = dict(self.state.faults)
         if self.state.step != step:
             raise RuntimeError(
                 f"{latest}: learner state is at step {step}, driver state at {self.state.step}"
@@ -245,8 +183,25 @@ class GRPODriver:
         return latest
 
     def save(self) -> str:
+        """Checkpoint the learner and this driver's state. A save that fails (a full disk, an object store
+        down past `storage.outage_timeout_s`) removes what it wrote and stops the run with the reason; the
+        latest complete checkpoint stays the one a resume starts from."""
         state = json.dumps(asdict(self.state)).encode()
-        uri = self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
+        try:
+            uri = self.learner.save(self.checkpoints, self.state.step, parts={DRIVER_STATE: state})
+        except Exception as error:
+            partial = join_uri(self.checkpoints, checkpoint_tag(self.state.step))
+            with contextlib.suppress(Exception):
+                store_for(partial, self.cfg.storage).delete_tree(partial)
+            cause = str(getattr(error, "cause", None) or error).strip().splitlines()
+            free = -1 if is_s3_uri(partial) else shutil.disk_usage(self.checkpoints).free >> 20
+            disk = (
+                "" if free < 0 else f"; {free} MiB free there" + (": the disk is full" if free < 64 else "")
+            )
+            raise RuntimeError(
+                f"checkpoint of step {self.state.step} could not be written to {partial} "
+                f"({cause[-1] if cause else type(error).__name__}); what it wrote was removed{disk}"
+            ) from error
         self.saved_step = self.state.step
         for removed in prune_checkpoints(
             self.checkpoints, self.cfg.trainer.keep_checkpoints, self.cfg.storage
@@ -327,6 +282,7 @@ class GRPODriver:
         self.state.consume(rollouts.batch)
         self.state.step += 1
         self.state.weight_version = sync.version
+        self.state.faults = self.fault_counts()
         metrics.update({f"learner/{k}": v for k, v in learned.items()})
         metrics.update(self._seconds(rollouts, entered if rollouts.ahead else rollouts.started, marks, sync))
         metrics.update(
@@ -337,11 +293,7 @@ class GRPODriver:
                 "weights/staleness_mean": sum(staleness) / len(staleness),
                 "rollout/generated_ahead": float(rollouts.ahead),
                 "data/epoch": float(self.state.epoch),
-                **{
-                    f"{name}/{count}": float(getattr(pool.supervisor, count))
-                    for name, pool in (("rollout", self.rollout), ("reward", self.reward))
-                    for count in ("restarts", "timeouts")
-                },
+                **{key: float(n) for key, n in self.state.faults.items()},
                 **(self.stats.as_metrics() if self.stats is not None else {}),
             }
         )
@@ -349,6 +301,14 @@ class GRPODriver:
         metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
         metrics["throughput/tokens_per_s_per_gpu"] = tokens / metrics["time/step_s"] / max(self.gpus, 1)
         return metrics, following
+
+    def fault_counts(self) -> dict[str, int]:
+        """The pools' restarts and timeouts in this run so far: those before the resume and this process's."""
+        return {
+            f"{name}/{count}": self.faults_before.get(f"{name}/{count}", 0) + getattr(pool.supervisor, count)
+            for name, pool in (("rollout", self.rollout), ("reward", self.reward))
+            for count in FAULT_COUNTS
+        }
 
     @staticmethod
     def _seconds(
@@ -445,6 +405,9 @@ def train(cfg: VeasonConfig) -> dict[str, Any]:
         driver = GRPODriver(cfg, outputs)
         try:
             result = driver.fit()
+        except Exception:
+            say(resume_hint(cfg, driver.state.step), err=True)
+            raise
         finally:
             driver.shutdown()
     finally:
@@ -453,6 +416,19 @@ def train(cfg: VeasonConfig) -> dict[str, Any]:
     result["resumed_from"] = driver.resumed_from
     result["startup_seconds"] = driver.startup_seconds
     return result
+
+
+def resume_hint(cfg: VeasonConfig, step: int) -> str:
+    """What a user whose run stopped at `step` can do: the checkpoint the same command resumes from."""
+    try:
+        latest = latest_complete(join_uri(cfg.run.output_dir, "checkpoints"), cfg.storage)
+    except Exception as error:  # the store that failed the run may still be down
+        return f"GRPO stopped after step {step}; its checkpoints could not be listed ({error})"
+    if not cfg.trainer.resume:
+        return f"GRPO stopped after step {step}; trainer.resume=false: the same command starts over"
+    if latest is None:
+        return f"GRPO stopped after step {step}; no complete checkpoint yet: the same command starts over"
+    return f"GRPO stopped after step {step}; the same command resumes from {latest}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,9 @@ MODELS_HINT = "`make demo` (or `veason tiny-models --out DIR`) writes the demo's
 
 def quick_storage(storage: StorageConfig) -> StorageConfig:
     """`storage` asked once, with short timeouts: enough to tell a wrong endpoint or bucket from a slow one."""
-    return dataclasses.replace(storage, max_attempts=1, connect_timeout_s=3.0, request_timeout_s=10.0)
+    return dataclasses.replace(
+        storage, max_attempts=1, connect_timeout_s=3.0, request_timeout_s=10.0, outage_timeout_s=0.0
+    )
 
 
 def _s3_problem(key: str, uri: str, storage: StorageConfig, must_hold: str = "") -> str | None:

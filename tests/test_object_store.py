@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,39 @@ def test_s3_credentials_from_environment(s3_server, s3_bucket, monkeypatch):
     assert store.read_bytes(join_uri(s3_bucket, "env.txt")) == b"from env"
 
 
+def test_an_outage_is_waited_out_until_its_deadline_and_a_requests_own_error_fails_at_once(
+    s3_server, s3_bucket
+):
+    """The store behind a proxy that stops listening and resets its connections (tests/tcp_proxy.py)."""
+    from tcp_proxy import TCPProxy
+
+    with TCPProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1])) as proxy:
+        storage = dataclasses.replace(
+            s3_server, endpoint_url=f"http://127.0.0.1:{proxy.port}", outage_timeout_s=30.0
+        )
+        store, uri = S3ObjectStore(storage), join_uri(s3_bucket, "outage/a.bin")
+        store.write_bytes(uri, b"before")
+        proxy.cut()
+        threading.Timer(3.0, proxy.restore).start()
+        start = time.monotonic()
+        store.write_bytes(uri, b"during")  # retried until the store is back
+        assert time.monotonic() - start > 2.5
+        assert store.read_bytes(uri) == b"during"
+        assert store.list_files(join_uri(s3_bucket, "outage")) == [uri]
+
+        proxy.cut()
+        brief = S3ObjectStore(dataclasses.replace(storage, outage_timeout_s=2.0))
+        start = time.monotonic()
+        with pytest.raises(OSError, match=r"outage/a.bin: read failed.*storage.outage_timeout_s=2 s"):
+            brief.read_bytes(uri)
+        assert time.monotonic() - start < 10
+        proxy.restore()
+        start = time.monotonic()
+        with pytest.raises(FileNotFoundError, match="outage/missing"):
+            store.read_bytes(join_uri(s3_bucket, "outage/missing"))
+        assert time.monotonic() - start < 5  # not retried
+
+
 SECRET = "sEcReT-dO-nOt-LeAk-4f1c9"
 KEY_ID = "AKIA-KEY-ID-DO-NOT-LEAK"
 
@@ -146,6 +182,7 @@ def test_errors_name_the_uri_and_hide_credentials(s3_server):
         max_attempts=1,
         connect_timeout_s=1.0,
         request_timeout_s=1.0,
+        outage_timeout_s=0.0,
     )
     no_bucket = StorageConfig(**{**vars(s3_server), "secret_access_key": SECRET, "access_key_id": KEY_ID})
     cases = [

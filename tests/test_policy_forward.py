@@ -197,3 +197,58 @@ def test_batched_vision_windows_equal_the_per_window_loop(tiny):
             0, 1
         )
         assert torch.allclose(out[a:b], ref.transpose(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_chunked_token_logprobs_pass_gradcheck(with_entropy):
+    from veason_ray.training.policy_forward import ChunkedTokenLogprobs
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    logprobs, entropy = ChunkedTokenLogprobs.apply(hidden, weight, targets, 3, with_entropy)
+    log_p = torch.log_softmax(hidden @ weight.T, -1)
+    assert torch.allclose(logprobs, log_p.gather(-1, targets[:, None]).squeeze(-1))
+    want_entropy = -(log_p.exp() * log_p).sum(-1) if with_entropy else torch.zeros(7, dtype=torch.float64)
+    assert torch.allclose(entropy, want_entropy)
+
+    def outputs(h, w):
+        lp, ent = ChunkedTokenLogprobs.apply(h, w, targets, 3, with_entropy)
+        return (lp, ent) if with_entropy else lp
+
+    assert torch.autograd.gradcheck(outputs, (hidden, weight))
+
+
+def test_chunked_logprobs_and_gradients_equal_the_plain_path(tiny):
+    """`learner.logprob_chunk_tokens`: chunks that split rows and padding (5 tokens) give the plain path's
+    log-probs, entropies and parameter gradients (float32)."""
+    model, processor = tiny
+    gen = torch.Generator().manual_seed(1)
+    shared = _prompt(processor, 2, 7)
+    sequences = [
+        PolicySequence(shared, torch.randint(100, 300, (6,), generator=gen)),
+        PolicySequence(_prompt(processor, 3, 8), torch.randint(100, 300, (11,), generator=gen)),
+        PolicySequence(shared, torch.randint(100, 300, (3,), generator=gen)),
+    ]
+    batch = collate(sequences, pad_id=0)
+    weights = torch.linspace(-1, 1, batch.response_mask.numel()).view_as(batch.response_mask)
+    names = (  # the head (tied to the embeddings), a layer below it
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.layers.0.mlp.up_proj.weight",
+    )
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=chunk)
+        ((logprobs + 0.3 * entropy) * weights * batch.response_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    model.zero_grad()
+    (plain_lp, plain_ent, plain_grads), (lp, ent, grads) = results
+    valid = batch.response_mask.bool()
+    assert torch.allclose(lp[valid], plain_lp[valid], atol=1e-5)
+    assert torch.allclose(ent[valid], plain_ent[valid], atol=1e-5)
+    assert set(grads) == set(names)
+    for name in names:
+        assert torch.allclose(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4), name

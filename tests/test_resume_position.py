@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from pipelines.frame_stream import FrameStream, StreamStats, iter_prompt_groups, sampling_spec
-from pipelines.grpo import Batch, DriverState, draw_batches
+from pipelines.grpo_position import Batch, DriverState, draw_batches
 from veason_ray.config import VeasonConfig
 from veason_ray.datasets import open_dataset
 from veason_ray.sample_building import build_sample, sample_key

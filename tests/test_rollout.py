@@ -262,6 +262,19 @@ def test_sleep_and_wake_say_why_they_do_nothing_on_cpu(pool):
     assert all(not s.supported for s in pool.wake())
 
 
+def assert_engines_answer_alike(pool):
+    """Every engine greedy-decodes one prompt to the same tokens with the same log-probs. Weight checksums
+    cover parameters only; this also catches state no push carries (buffers such as rotary caches: vLLM's
+    dummy load randomises them, and a replacement engine that skipped the checkpoint sampled from a broken
+    model)."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    answers = ray.get([e.generate.remote(groups(1), greedy, 1) for e in pool.engines])
+    first = answers[0][0][0]
+    for other in answers[1:]:
+        assert other[0][0].token_ids == first.token_ids
+        assert np.allclose(other[0][0].logprobs, first.logprobs, atol=1e-4)
+
+
 def test_killed_actor_is_replaced_resynced_and_the_request_completes(pool, tiny_model):
     _, model = tiny_model
     expected = pool.weight_checksums()[1]
@@ -276,10 +289,9 @@ def test_killed_actor_is_replaced_resynced_and_the_request_completes(pool, tiny_
     assert pool.last_restart.kind == "new_actor" and "dead" in pool.last_restart.fallback
     info = ray.get(pool.engines[1].ready.remote())
     assert info["pid"] != old_pid
-    # after a push the replacement skips the checkpoint (dummy weights), and the replay overwrites them all
-    assert info["weights"].startswith("dummy") == (version > 0)
     assert {r.weight_version for g in out for r in g} == {version}
     assert pool.weight_checksums()[1].matches(expected)
+    assert_engines_answer_alike(pool)
     print(f"kill -> replaced engine answered in {seconds:.1f} s (restart {pool.restart_seconds[-1]:.1f} s)")
 
 
@@ -301,7 +313,6 @@ def test_live_engine_restarts_in_place_or_as_a_new_actor_with_the_same_weights(p
         if in_place:
             info = ray.get(pool.engines[0].ready.remote())
             assert info["pid"] == before["pid"] and info["engine_starts"] == before["engine_starts"] + 1
-            assert info["weights"].startswith("dummy") == (pool.version > 0)  # the replay fills dummy weights
     assert ray.get(pool.engines[0].ready.remote())["pid"] != before["pid"]
 
 
@@ -319,6 +330,7 @@ def test_dead_vllm_in_a_live_actor_is_restarted_in_place_resynced_and_the_reques
     info = ray.get(pool.engines[1].ready.remote())
     assert info["pid"] == before["pid"] and info["engine_starts"] == before["engine_starts"] + 1
     assert pool.weight_checksums()[1].matches(expected)
+    assert_engines_answer_alike(pool)
     print(f"dead vLLM -> restarted in place: {pool.last_restart}")
 
 

@@ -74,6 +74,10 @@ class StorageConfig:
     max_attempts: int = field(default=5, metadata=ge(1))
     connect_timeout_s: float = field(default=10.0, metadata=gt(0))
     request_timeout_s: float = field(default=60.0, metadata=gt(0))
+    # how long an s3:// call keeps retrying while the store is unreachable or failing (connection refused or
+    # reset, timeouts, 5xx, throttling) before it fails naming the URI; errors that are the request's (a missing
+    # key, access denied) fail at once
+    outage_timeout_s: float = field(default=300.0, metadata=ge(0))
 
     def resolved(self) -> StorageConfig:
         """A copy with empty fields filled from the standard AWS environment variables."""
@@ -89,6 +93,7 @@ class StorageConfig:
             max_attempts=self.max_attempts,
             connect_timeout_s=self.connect_timeout_s,
             request_timeout_s=self.request_timeout_s,
+            outage_timeout_s=self.outage_timeout_s,
         )
 
     def __repr__(self) -> str:  # credentials never reach logs or error messages
@@ -232,6 +237,9 @@ class RolloutConfig:
     prefill_first: bool = False
     # a per-request seed (reproducible whichever engine serves a group) costs vLLM per-request generators
     seed_requests: bool = False
+    # fault injection (tests/faults/, or trying recovery on a cluster): engine 0's first generate blocks this many
+    # seconds, or until the pool aborts it at request_timeout_s, as a hung vLLM would; 0 = off
+    inject_hang_s: float = field(default=0.0, metadata=ge(0))
 
 
 @dataclass
@@ -340,6 +348,19 @@ class LearnerConfig:
     # "engine": the rollout engine's log-probs (needed when generation runs ahead: trainer.max_staleness > 0)
     old_logprobs: Literal["recompute", "engine"] = "recompute"
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of exported HF folders
+    # response tokens whose LM-head logits exist at once (log-probs and entropy in chunks, forward and backward;
+    # 0 = every response token of the micro-batch at once, the plain autograd path)
+    logprob_chunk_tokens: int = field(default=2048, metadata=ge(0))
+    # CPU threads of each rank when the optimizer is offloaded (its step and the prompt encoding; Ray would give
+    # it OpenMP threads = cpus_per_worker); 0 = the node's cores shared by the learner ranks on it
+    optimizer_threads: int = field(default=0, metadata=ge(0))
+    # what ZeRO-2 sums a bf16 model's micro-batch gradients in: "float32", one GPU buffer of 4 bytes a parameter;
+    # "bfloat16", the gradients themselves (with optimizer offload, summed in CPU memory through the GPU: every
+    # gradient crosses PCIe twice a micro-batch)
+    grad_accum_dtype: Literal["bfloat16", "float32"] = "float32"
+    # seconds one learner call (set-up, an update, log-probs, a save, a load, an export) may take on every rank;
+    # then the run stops naming the call and the ranks that did not answer
+    timeout_s: float = field(default=3600.0, metadata=gt(0))
 
 
 @dataclass

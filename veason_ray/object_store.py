@@ -6,22 +6,27 @@ Everything in veason-ray that touches storage goes through an :class:`ObjectStor
 :class:`~veason_ray.config.StorageConfig`, falling back to the standard AWS environment). No other module
 imports boto3 or builds a filesystem of its own.
 
-Error messages name the URI and never contain credentials.
+Error messages name the URI and never contain credentials. An S3 call that fails because the store is
+unreachable or failing (connection refused, timeouts, 5xx, throttling) is retried with backoff for
+``storage.outage_timeout_s`` before it fails; one that fails for the request's own reason fails at once.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import os
+import re
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
@@ -32,6 +37,15 @@ S3_SCHEME = "s3://"
 _COPY_CHUNK = 8 << 20  # bytes per read when streaming a file between stores
 _TRANSFER_THREADS = 8  # files moved at once by download_tree / upload_tree
 TMP_MARK = ".tmp-"  # infix of the temporary files that atomic writes rename into place
+# the AWS SDK's error kinds (and HTTP statuses) that say the store, not the request, failed: retried
+_OUTAGE = re.compile(
+    r"AWS Error (NETWORK_CONNECTION|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|THROTTLING|REQUEST_TIMEOUT)"
+    r"|HTTP status 5\d\d|curlCode: (7|28|52|55|56)\b"
+)
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.5, 10.0  # backoff between attempts during an outage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -131,6 +145,10 @@ class ObjectStore(abc.ABC):
     def _open_output(self, uri: str) -> AbstractContextManager[BinaryIO]:
         """A writable stream (context manager) that creates the object when its block ends without error."""
 
+    def _retrying(self, uri: str, action: str, call: Callable[[], T]) -> T:
+        """`call()`, retried while the store is down (S3; a local store calls it once)."""
+        return call()
+
     def download_tree(self, uri_prefix: str, local_dir: str | Path) -> Path:
         """Copy every file below ``uri_prefix`` into ``local_dir`` keeping relative paths; files already there
         with the same size are skipped, each file lands atomically (safe for several processes at once).
@@ -146,14 +164,16 @@ class ObjectStore(abc.ABC):
                 continue
             jobs.append((uri, size, dst))
 
-        def fetch(job: tuple[str, int, Path]) -> None:
-            uri, size, dst = job
+        def fetch_once(uri: str, size: int, dst: Path) -> None:
             with self.open_input(uri) as src, _atomic_local_write(dst) as out:
                 got = _copy_stream(src, out)
                 if got != size:
                     raise OSError(
                         f"{uri}: read {got} bytes, expected {size} (object changed during download?)"
                     )
+
+        def fetch(job: tuple[str, int, Path]) -> None:
+            self._retrying(job[0], "download", lambda: fetch_once(*job))
 
         local_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(_TRANSFER_THREADS) as pool:
@@ -168,10 +188,13 @@ class ObjectStore(abc.ABC):
             raise FileNotFoundError(f"{local_dir}: not a folder")
         files = sorted(p for p in local_dir.rglob("*") if p.is_file() and TMP_MARK not in p.name)
 
-        def put(path: Path) -> None:
-            uri = join_uri(uri_prefix, path.relative_to(local_dir).as_posix())
+        def put_once(path: Path, uri: str) -> None:
             with open(path, "rb") as src, self._open_output(uri) as out:
                 _copy_stream(src, out)
+
+        def put(path: Path) -> None:
+            uri = join_uri(uri_prefix, path.relative_to(local_dir).as_posix())
+            self._retrying(uri, "upload", lambda: put_once(path, uri))
 
         with ThreadPoolExecutor(_TRANSFER_THREADS) as pool:
             list(pool.map(put, files))
@@ -330,21 +353,50 @@ class S3ObjectStore(ObjectStore):
         except OSError as e:
             raise OSError(f"{uri}: {action} failed: {self._scrub(str(e))}") from None
 
+    def _retrying(self, uri: str, action: str, call: Callable[[], T]) -> T:
+        """`call()` (its errors as `_errors` words them), retried with backoff while the error says the store is
+        unreachable or failing, for `storage.outage_timeout_s`; then the last error, saying how long it tried."""
+        deadline = time.monotonic() + self._cfg.outage_timeout_s
+        delay, attempts = _RETRY_FIRST_S, 0
+        while True:
+            attempts += 1
+            try:
+                with self._errors(uri, action):
+                    return call()
+            except FileNotFoundError:
+                raise
+            except OSError as error:
+                if not _OUTAGE.search(str(error)):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise OSError(
+                        f"{error} (the store failed for {attempts} attempts over storage.outage_timeout_s="
+                        f"{self._cfg.outage_timeout_s:g} s)"
+                    ) from None
+                if attempts == 1:
+                    log.warning("%s; retrying for up to %g s", error, self._cfg.outage_timeout_s)
+                time.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
     def read_bytes(self, uri: str) -> bytes:
-        with self._errors(uri, "read"), self.filesystem.open_input_stream(self._key(uri)) as f:
-            return f.read()
+        def read() -> bytes:
+            with self.filesystem.open_input_stream(self._key(uri)) as f:
+                return f.read()
+
+        return self._retrying(uri, "read", read)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        with self._errors(uri, "write"), self.filesystem.open_output_stream(self._key(uri)) as f:
-            f.write(data)
+        def write() -> None:
+            with self.filesystem.open_output_stream(self._key(uri)) as f:
+                f.write(data)
+
+        self._retrying(uri, "write", write)
 
     def open_input(self, uri: str) -> BinaryIO:
-        with self._errors(uri, "open"):
-            return self.filesystem.open_input_file(self._key(uri))
+        return self._retrying(uri, "open", lambda: self.filesystem.open_input_file(self._key(uri)))
 
     def _info(self, uri: str) -> pafs.FileInfo:
-        with self._errors(uri, "stat"):
-            return self.filesystem.get_file_info(self._key(uri))
+        return self._retrying(uri, "stat", lambda: self.filesystem.get_file_info(self._key(uri)))
 
     def exists(self, uri: str) -> bool:
         return self._info(uri).type != pafs.FileType.NotFound
@@ -362,19 +414,21 @@ class S3ObjectStore(ObjectStore):
             if info.type == pafs.FileType.File:
                 return {S3_SCHEME + key: info.size}
         selector = pafs.FileSelector(key, recursive=True, allow_not_found=True)
-        with self._errors(uri_prefix, "list"):
-            infos = self.filesystem.get_file_info(selector)
+        infos = self._retrying(uri_prefix, "list", lambda: self.filesystem.get_file_info(selector))
         return {S3_SCHEME + i.path: i.size for i in infos if i.type == pafs.FileType.File}
 
     def list_files(self, uri_prefix: str) -> list[str]:
         return sorted(self._sizes_below(uri_prefix))
 
     def delete_tree(self, uri_prefix: str) -> None:
-        with self._errors(uri_prefix, "delete"):
-            if self.exists(uri_prefix):
-                self.filesystem.delete_dir_contents(self._key(uri_prefix), missing_dir_ok=True)
-                with contextlib.suppress(OSError):  # S3 has no folders; MinIO-like stores may keep a marker
-                    self.filesystem.delete_dir(self._key(uri_prefix))
+        key = self._key(uri_prefix)
+
+        def delete() -> None:
+            self.filesystem.delete_dir_contents(key, missing_dir_ok=True)
+            with contextlib.suppress(OSError):  # S3 has no folders; MinIO-like stores may keep a marker
+                self.filesystem.delete_dir(key)
+
+        self._retrying(uri_prefix, "delete", delete)
 
     def _open_output(self, uri: str) -> AbstractContextManager[BinaryIO]:
         return _S3Writer(self, uri)

@@ -12,7 +12,9 @@
 - Gradient accumulation is ours: the number of micro-batches varies from step to step, so the caller marks the
   accumulation boundary itself (`set_gradient_accumulation_boundary` on the last micro-batch), calls `step`
   once per rollout batch and scales each micro-batch's loss so their sum is the batch's loss
-  (`grpo_policy_loss(normalizer=...)`, `backward(scale_wrt_gas=False)`). DeepSpeed 0.19's unmanaged mode
+  (`grpo_policy_loss(normalizer=...)`, `backward(scale_wrt_gas=False)`). Under bf16 ZeRO-2 the sum is kept in
+  float32 on the GPU (`grad_accum_dtype`): DeepSpeed's bf16 sum with optimizer offload copies every gradient
+  to the CPU and back at each micro-batch. DeepSpeed 0.19's unmanaged mode
   (`managed_gradient_accumulation: false`) drops all but the last micro-batch's gradients under ZeRO-3
   (measured: `tests/test_learner.py` against plain torch), so it is not used.
 - Learning rate: constant after an optional linear warm-up (`warmup_steps`), a scheduler DeepSpeed saves
@@ -50,7 +52,7 @@ def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # weights leave through named_weights
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
@@ -61,6 +63,9 @@ def deepspeed_config(cfg: LearnerConfig, on_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.bf16 and cfg.zero_stage == 2 and cfg.grad_accum_dtype == "float32":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def load_trainable_policy(model_dir: str, cfg: LearnerConfig, attn_implementation: str = "sdpa") -> Any:
@@ -140,14 +145,14 @@ def constant_with_warmup(
 def build_engine(
     model: Any, cfg: LearnerConfig, on_gpu: bool, lr_multiplier: Callable[[int], float] | None = None
 ) -> Any:
-    """`deepspeed.initialize` of `model` (wrapped in a ResponseScorer) with the optimizer above and a LambdaLR
-    of `lr_multiplier` (optimizer step -> factor of cfg.lr; default `constant_with_warmup`'s);
-    torch.distributed must be initialised (`deepspeed.init_distributed`)."""
+    """`deepspeed.initialize` of `model` (wrapped in a ResponseScorer of `cfg.logprob_chunk_tokens`) with the
+    optimizer above and a LambdaLR of `lr_multiplier` (optimizer step -> factor of cfg.lr; default
+    `constant_with_warmup`'s); torch.distributed must be initialised (`deepspeed.init_distributed`)."""
     import deepspeed
 
     from veason_ray.training.policy_forward import ResponseScorer
 
-    model = ResponseScorer(model)
+    model = ResponseScorer(model, cfg.logprob_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the policy has no trainable parameters (learner.freeze_vision and LoRA settings)")

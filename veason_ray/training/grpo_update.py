@@ -101,7 +101,7 @@ class GRPOUpdater:
         if self.reference == "adapters-off":
             with self.engine.module.policy.disable_adapter():
                 return response_logprobs(self.engine, batch)[0]
-        return response_logprobs(self.reference, batch)[0]
+        return response_logprobs(self.reference, batch, chunk_tokens=self.cfg.logprob_chunk_tokens)[0]
 
     @torch.no_grad()
     def logprobs(
