@@ -80,6 +80,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, synthetic_revos, tiny_models):
+    """The uninterrupted GRPO run every fault of tests/faults/ is compared with (once per session)."""
+    from grpo_runs import FaultRun, RunOutcome, grpo_command
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run = FaultRun(grpo_command(out, synthetic_revos, tiny_models), out.parent / "run.log").start()
+    assert run.finish() == 0, run.output[-3000:]
+    return RunOutcome.read(out)
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[StorageConfig]:
     """A moto S3 server on 127.0.0.1; yields the StorageConfig (endpoint, region, fake credentials)."""
     from moto.server import ThreadedMotoServer
