@@ -29,6 +29,7 @@ def killed_and_resumed(out: Path, command: list[str]) -> tuple[int, float]:
     return int(resumed.group(1)), second.started
 
 
+@pytest.mark.slow  # ~150 s; the default suite keeps the driver's position in tests/test_resume_position.py
 def test_a_killed_run_resumes_with_every_counter_and_the_same_batches(tmp_path, synthetic_revos, tiny_models):
     out = tmp_path / "run"
     resumed_at, _ = killed_and_resumed(out, grpo_command(out, synthetic_revos, tiny_models))
