@@ -35,6 +35,19 @@ class ServeServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
+    def refused_video_url(self, query: str, video_url: str) -> dict:
+        """POST /v1/segment with `video_url`; asserts a 422 naming `video_url` and returns its error."""
+        response = requests.post(
+            self.url + "/v1/segment",
+            json={"query": query, "video_url": video_url},
+            headers=self.headers,
+            timeout=60,
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == "video_url", error
+        return error
+
 
 def start_serve_server(folder: Path, storage, timeout_s: float = 420.0):
     """Start `veason serve` (yields a ServeServer once /v1/health/ready answers 200; stops it afterwards)."""
