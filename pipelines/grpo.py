@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -123,7 +124,7 @@ class GRPODriver:
         self.cfg = cfg
         self.outputs = outputs
         self.out = outputs.local
-        self.checkpoints = join_uri(cfg.run.output_dir, "checkpoints")
+        self.checkpoints = checkpoint_root(cfg)
         init_ray(cfg.placement)
         cache = cfg.model.cache_dir or None
         policy = str(resolve_model_dir(cfg.model.policy, cfg.storage, cache))
@@ -194,7 +195,7 @@ class GRPODriver:
             with contextlib.suppress(Exception):
                 store_for(partial, self.cfg.storage).delete_tree(partial)
             cause = str(getattr(error, "cause", None) or error).strip().splitlines()
-            free = -1 if is_s3_uri(partial) else shutil.disk_usage(self.checkpoints).free >> 20
+            free = -1 if is_s3_uri(partial) else free_mib(self.checkpoints)
             disk = (
                 "" if free < 0 else f"; {free} MiB free there" + (": the disk is full" if free < 64 else "")
             )
@@ -418,14 +419,27 @@ def train(cfg: VeasonConfig) -> dict[str, Any]:
     return result
 
 
+def checkpoint_root(cfg: VeasonConfig) -> str:
+    """Where a run's checkpoints go (and a resume looks): `<run.output_dir>/checkpoints`."""
+    return join_uri(cfg.run.output_dir, "checkpoints")
+
+
+def free_mib(path: str) -> int:
+    """MiB free on the disk of local `path`, or of its nearest existing parent."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free >> 20
+
+
 def resume_hint(cfg: VeasonConfig, step: int) -> str:
     """What a user whose run stopped at `step` can do: the checkpoint the same command resumes from."""
-    try:
-        latest = latest_complete(join_uri(cfg.run.output_dir, "checkpoints"), cfg.storage)
-    except Exception as error:  # the store that failed the run may still be down
-        return f"GRPO stopped after step {step}; its checkpoints could not be listed ({error})"
     if not cfg.trainer.resume:
         return f"GRPO stopped after step {step}; trainer.resume=false: the same command starts over"
+    try:
+        latest = latest_complete(checkpoint_root(cfg), cfg.storage)
+    except Exception as error:  # the store that failed the run may still be down
+        return f"GRPO stopped after step {step}; its checkpoints could not be listed ({error})"
     if latest is None:
         return f"GRPO stopped after step {step}; no complete checkpoint yet: the same command starts over"
     return f"GRPO stopped after step {step}; the same command resumes from {latest}"

@@ -113,15 +113,11 @@ class FaultRun:
 
     def actors(self, title: str) -> list[psutil.Process]:
         """The run's processes titled `ray::<title>` (an actor, `ray::<title>.<method>` while it runs one)."""
-        found = []
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                head = (process.info["cmdline"] or [""])[0]
-                if head.split(".")[0] == f"ray::{title}" and os.getsid(process.pid) == self.process.pid:
-                    found.append(process)
-            except (psutil.Error, OSError):
-                continue
-        return found
+        return [
+            process
+            for process in session_processes(self.process.pid)
+            if (process.info["cmdline"] or [""])[0].split(".")[0] == f"ray::{title}"
+        ]
 
     def kill_actor(self, title: str, method: str, timeout_s: float = 300) -> str:
         """SIGKILL a `ray::<title>` process the moment it starts running `method` (its title read from /proc
@@ -143,6 +139,19 @@ class FaultRun:
                 time.sleep(0.002)
             time.sleep(0.05)
         raise AssertionError(f"no {title} ran {method} within {timeout_s:g} s")
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """The live processes of session `sid` (a process started with start_new_session: its pid), with their
+    command lines in `info["cmdline"]`."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (psutil.Error, OSError):  # gone meanwhile
+            continue
+    return found
 
 
 @dataclass

@@ -11,7 +11,7 @@ import sys
 import time
 
 import psutil
-from grpo_runs import REPO, grpo_env
+from grpo_runs import REPO, grpo_env, session_processes
 
 DRIVER = """
 import os, time, ray
@@ -31,14 +31,7 @@ time.sleep(600)
 
 
 def in_session(sid: int) -> list[str]:
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getsid(process.pid) == sid:
-                found.append(" ".join(process.info["cmdline"] or [])[:80])
-        except (OSError, psutil.Error):
-            continue
-    return found
+    return [" ".join(p.info["cmdline"] or [])[:80] for p in session_processes(sid)]
 
 
 def test_a_killed_driver_leaves_no_ray_process_behind():
