@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from veason_ray.config import VeasonConfig
-from veason_ray.datasets import DatasetFormatError, ExpressionRecord, open_dataset
+from veason_ray.datasets import DatasetFormatError, ExpressionRecord, ViCaSDataset, open_dataset
 from veason_ray.eval_overlays import draw_overlay, overlay_name
 from veason_ray.evaluation import (
     ExpressionResult,
@@ -51,6 +51,7 @@ from veason_ray.metrics import score_expression
 from veason_ray.records import PromptGroup, Rollout, Sample
 from veason_ray.reward_rules import reward_rules
 from veason_ray.sample_building import read_ground_truth
+from veason_ray.vicas_scoring import lgvis_entry
 from veason_ray.video_decoding import BadDataError, SampleTimeoutError, frame_source, within_deadline
 
 log = logging.getLogger(__name__)
@@ -405,7 +406,8 @@ class ExpressionScorer(_DatasetStage):
     """Stage 5 (CPU, or a GPU share with `eval.scorer_gpus`): one result per expression: J, F and R of its masks
     against the GT of every frame (the foreground read once per video), the oracle's J&F, its masks as PNGs
     (`masks/<video>/<exp_id>/<frame>.png`, 0/255, the public evaluation tools' layout) and, for the keys in
-    `eval.overlays`, an overlay video."""
+    `eval.overlays`, an overlay video. ViCaS is scored on its human-annotated frames, with what its track mAP
+    needs (`vicas_scoring.lgvis_entry`) in the result's extra."""
 
     def __init__(self, cfg: VeasonConfig, split: str, output_uri: str):
         import torch
@@ -448,14 +450,21 @@ class ExpressionScorer(_DatasetStage):
         record, item, meta = row.record(index), row.expressions[index], row.meta
         gt = self.dataset.gt_masks(record)
         masks = row.masks[position]
-        score = score_expression(masks, gt, record.type_id, foreground, device=self.device)
+        scored = self._scored_frames(record.video)
+        score = score_expression(
+            masks[scored], gt[scored], record.type_id, foreground[scored], device=self.device
+        )
         answer = locate_answer(item["answer"], meta["num_frames"], meta["height"], meta["width"])
         result = expression_result(
             record, tuple(meta["frame_indices"]), answer, item["rewards"], item["consistency_error"], score
         )
         result.extra["seconds"] = dict(meta.get("seconds", {}))
+        if isinstance(self.dataset, ViCaSDataset):
+            result.extra["lgvis"] = lgvis_entry(masks[scored], self.dataset.object_masks(record, scored))
         if "oracle_rewards" in item:
-            oracle = score_expression(row.masks[live + position], gt, record.type_id, device=self.device)
+            oracle = score_expression(
+                row.masks[live + position][scored], gt[scored], record.type_id, device=self.device
+            )
             result.extra["oracle"] = {
                 "rewards": item["oracle_rewards"],
                 "j": oracle.j,
@@ -481,3 +490,9 @@ class ExpressionScorer(_DatasetStage):
             result.extra["overlay"] = uri
         result.extra["seconds"]["score"] = round(time.perf_counter() - started, 4)
         return result
+
+    def _scored_frames(self, video: str) -> slice | list[int]:
+        """The frames an expression is scored on: every frame (a slice), or ViCaS's human-annotated ones."""
+        if isinstance(self.dataset, ViCaSDataset):
+            return list(self.dataset.benchmark_frames(video))
+        return slice(None)

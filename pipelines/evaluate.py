@@ -1,5 +1,5 @@
-"""`veason eval`: a policy checkpoint on a benchmark split (ReVOS, MeViS, ReasonVOS; local or s3://), as one
-Ray Data job over the split's videos (the stages are in pipelines/eval_stages.py):
+"""`veason eval`: a policy checkpoint on a benchmark split (ReVOS, MeViS, ReasonVOS, ViCaS; local or s3://), as
+one Ray Data job over the split's videos (the stages are in pipelines/eval_stages.py):
 
     videos -> PolicyViewReader -> PolicyAnswerer (vLLM engines) -> FrameReader -> MaskPredictor (SAM2) ->
     ExpressionScorer -> results.jsonl, one line per expression as it finishes
@@ -8,9 +8,9 @@ Each expression is evaluated once across all the engines and GPUs given. A rerun
 the expressions already in results.jsonl (a crashed or preempted run resumes; with `eval.retry_failed`, failed
 ones are tried again). A failing expression (corrupt video, engine error) is a result with its `error`, counted
 apart and kept out of the means. Outputs in `eval.output_dir`: results.jsonl, summary.json and summary.md
-(exactly the benchmark's subsets), masks/<video>/<exp_id>/<frame>.png (the public evaluation tools' layout),
-overlays/ (videos of `eval.overlays` and of `eval.worst_overlays` low-J&F expressions, the lowest of each
-video first, each with a still: same name, .png).
+(exactly the benchmark's subsets; ViCaS adds its LG-VIS track mAP), masks/<video>/<exp_id>/<frame>.png (the
+public evaluation tools' layout), overlays/ (videos of `eval.overlays` and of `eval.worst_overlays` low-J&F
+expressions, the lowest of each video first, each with a still: same name, .png).
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from pipelines.eval_stages import (
     video_items,
 )
 from veason_ray.config import VeasonConfig
-from veason_ray.datasets import open_dataset, select_expressions
+from veason_ray.datasets import ViCaSDataset, open_dataset, select_expressions
 from veason_ray.eval_overlays import draw_overlay, overlay_name, pick_worst
 from veason_ray.eval_summary import format_summary, summarise_results, summary_markdown
 from veason_ray.evaluation import ExpressionResult
 from veason_ray.inference import check_answer_budget
 from veason_ray.object_store import join_uri, store_for
 from veason_ray.output_mirror import OutputMirror
+from veason_ray.vicas_scoring import vicas_summary, vicas_summary_lines
 
 log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
@@ -219,9 +220,12 @@ def run_evaluation(
         evaluated=len(todo),
     )
     summary.update(timing)
+    if isinstance(dataset, ViCaSDataset):  # its own LG-VIS score, and the entries its reader left out
+        summary.update(vicas_summary(dataset, results))
     summary["worst_overlays"] = draw_worst(cfg, dataset, results, outputs)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "summary.md").write_text(summary_markdown(summary))
+    extra = "".join(f"{line}\n" for line in vicas_summary_lines(summary))
+    (output_dir / "summary.md").write_text(summary_markdown(summary) + extra)
     outputs.push()
     return EvaluationReport(results, summary, output_dir, outputs)
 
@@ -300,7 +304,7 @@ def draw_worst(
 
 def format_report(report: EvaluationReport) -> str:
     """The subset table and reward lines of a finished run, for a console."""
-    return format_summary(report.summary)
+    return "\n".join([format_summary(report.summary), *vicas_summary_lines(report.summary)])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

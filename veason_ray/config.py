@@ -125,7 +125,8 @@ class SynthConfig:
 class DataConfig:
     """Which dataset, where it lives, and how frames are sampled for the policy."""
 
-    dataset: Literal["revos", "mevis", "reasonvos"] = "revos"
+    # the reader (veason_ray/datasets/): ViCaS is its LG-VIS prompts, split "val" or "test" ("valid" reads "val")
+    dataset: Literal["revos", "mevis", "reasonvos", "vicas"] = "revos"
     root: str = "data/revos"  # local folder or s3://bucket/prefix holding the dataset's on-disk layout
     train_split: str = "train"
     eval_split: str = "valid"

@@ -1,4 +1,4 @@
-"""Dataset readers for ReVOS, MeViS and ReasonVOS (docs/method.md section 2), local or s3://.
+"""Dataset readers for ReVOS, MeViS, ReasonVOS and ViCaS (docs/method.md section 2), local or s3://.
 
 ds = open_dataset("revos", "s3://bucket/ReVOS", "train", storage)
 for expr in ds.expressions():
@@ -24,20 +24,22 @@ from veason_ray.datasets.records import (
 from veason_ray.datasets.revos import ReVOSDataset
 from veason_ray.datasets.rle import RLEFormatError, decode_rle, encode_mask, union_masks
 from veason_ray.datasets.selection import select_expressions
+from veason_ray.datasets.vicas import SkippedEntry, ViCaSDataset
 
 DATASETS: dict[str, type[VOSDataset]] = {
     "revos": ReVOSDataset,
     "mevis": MeViSDataset,
     "reasonvos": ReasonVOSDataset,
+    "vicas": ViCaSDataset,
 }
-DEFAULT_SPLITS = {"revos": "train", "mevis": "train", "reasonvos": "valid"}
+DEFAULT_SPLITS = {"revos": "train", "mevis": "train", "reasonvos": "valid", "vicas": "val"}
 
 
 def open_dataset(
     kind: str, root: str, split: str | None = None, storage: StorageConfig | None = None
 ) -> VOSDataset:
-    """Open one split of a dataset (``kind``: revos, mevis or reasonvos) under a local folder or s3:// prefix.
-    The expression file is read and validated now; frames and masks are read when asked for."""
+    """Open one split of a dataset (``kind``: revos, mevis, reasonvos or vicas) under a local folder or s3://
+    prefix. The expression file is read and validated now; frames and masks are read when asked for."""
     if kind not in DATASETS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(DATASETS)}")
     return DATASETS[kind](root, split or DEFAULT_SPLITS[kind], storage)
@@ -52,11 +54,13 @@ __all__ = [
     "RLEFormatError",
     "ReVOSDataset",
     "ReasonVOSDataset",
+    "SkippedEntry",
     "TYPE_NAMES",
     "TYPE_NO_TARGET",
     "TYPE_REASONING",
     "TYPE_REFERRING",
     "VOSDataset",
+    "ViCaSDataset",
     "VideoInfo",
     "decode_rle",
     "encode_mask",

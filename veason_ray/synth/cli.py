@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--valid-fraction",
         type=float,
         default=d.valid_fraction,
-        help=f"share of videos in the ReVOS valid split (default: {d.valid_fraction})",
+        help=f"share of videos in the ReVOS valid split, ViCaS's val and test (default: {d.valid_fraction})",
     )
 
 

@@ -1,4 +1,4 @@
-"""Write simulated videos and their expressions to disk (or s3://) in the ReVOS or ReasonVOS layout.
+"""Write simulated videos and their expressions to disk (or s3://) in the ReVOS, ReasonVOS or ViCaS layout.
 
 ReVOS layout (docs/method.md section 2), read back by :class:`~veason_ray.datasets.ReVOSDataset`::
 
@@ -17,6 +17,13 @@ every frame), ``meta_expressions.json`` with the expressions as a list. ReasonVO
 true for reasoning expressions and false for referring ones, no-target expressions are left out, and a
 multi-instance expression points at one folder holding the union of its targets (obj_id 100 + k), as a
 ReasonVOS annotation does.
+
+ViCaS layout (:class:`~veason_ray.datasets.ViCaSDataset`): ``video_frames/<video_id:06d>/``,
+``annotations/v1.0/<video_id:06d>.json`` per video (``image_size``; ``segmentations``: per frame its visible
+tracks and their RLEs, ``is_gt`` true on every third frame as ViCaS's human-annotated frames;
+``object_referrals``: one ``{prompt, track_ids}`` per expression, track id = obj id + 1; empty captions) and
+``splits/v1.0/{train,val,test}.json``. The ``valid_fraction`` videos go to val and test by turns (test is empty
+with one of them). ViCaS has no types and no prompt without an object: no-target expressions are left out.
 
 Each video is simulated from its own generator seeded by (seed, index), so the same seed gives byte-identical
 files and adding videos leaves the earlier ones unchanged.
@@ -43,10 +50,19 @@ from veason_ray.object_store import ObjectStore, join_uri, store_for
 from veason_ray.synth.expressions import NO_TARGET, REASONING, SynthExpression, generate_expressions
 from veason_ray.synth.world import Scene, WorldConfig, simulate_scene
 
-LAYOUTS = ("revos", "reasonvos")
+LAYOUTS = ("revos", "reasonvos", "vicas")
 JPEG_QUALITY = 95
 SOURCE = "synth"  # ReasonVOS "source" of every synthetic video
 GROUP_ID_BASE = 100  # ReasonVOS obj_id of the k-th multi-instance target group of a video: 100 + k
+VICAS_VERSION = "v1.0"  # the ViCaS release whose layout the writer follows
+VICAS_HUMAN_EVERY = 3  # ViCaS layout: every third frame is "human-annotated" (is_gt), as ViCaS's 1 fps of 30
+VICAS_CAPTIONS = (
+    "caption_raw_en",
+    "caption_parsed_en",
+    "caption_raw_en_gpt",
+    "caption_parsed_en_gpt",
+    "caption_raw_cn",
+)
 _DEFAULTS = SynthConfig()
 
 
@@ -101,7 +117,7 @@ def _png(mask: np.ndarray) -> bytes:
     return data.tobytes()
 
 
-def _json(doc: dict) -> bytes:
+def _json(doc: dict | list) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -234,6 +250,54 @@ def _write_reasonvos(store: ObjectStore, summary: SynthSummary, cfg: WorldConfig
     store.write_bytes(join_uri(out, "meta_expressions.json"), _json({"videos": videos}))
 
 
+def _vicas_annotation(scene: Scene, exprs: list[SynthExpression], video_id: int, frames: list[str]) -> dict:
+    """One video's ViCaS annotation file (captions left empty: the LG-VIS prompts are the expressions)."""
+    segmentations = []
+    for t, frame in enumerate(frames):
+        visible = [i for i in range(len(scene.objects)) if scene.modal[i, t].any()]
+        segmentations.append(
+            {
+                "filename": frame + ".jpg",
+                "is_gt": t % VICAS_HUMAN_EVERY == 0,
+                "track_ids": [i + 1 for i in visible],
+                "mask_rles": [encode_mask(scene.modal[i, t]) for i in visible],
+            }
+        )
+    referrals = [
+        {"prompt": e.text, "track_ids": [i + 1 for i in e.targets]} for e in exprs if e.type_id != NO_TARGET
+    ]
+    return {
+        "video_id": video_id,
+        "src_dataset": SOURCE,
+        "filename": f"{video_id:06d}_{SOURCE}.mp4",
+        "image_size": [scene.height, scene.width],
+        **dict.fromkeys(VICAS_CAPTIONS, ""),
+        "reworded_en_captions": [],
+        "object_referrals": referrals,
+        "segmentations": segmentations,
+        "all_track_ids": [i + 1 for i in range(len(scene.objects))],
+    }
+
+
+def _write_vicas(store: ObjectStore, summary: SynthSummary, cfg: WorldConfig, valid: set[int]) -> None:
+    out = summary.out_dir
+    evaluation = sorted(valid)
+    splits: dict[str, list[int]] = {"train": [], "val": evaluation[0::2], "test": evaluation[1::2]}
+    for index in range(summary.num_videos):
+        scene, exprs = simulate_video(summary.seed, index, cfg)
+        frames = _write_frames(store, join_uri(out, "video_frames", f"{index:06d}"), scene)
+        for e in exprs:
+            if e.type_id != NO_TARGET:
+                summary.count(e)
+        doc = _vicas_annotation(scene, exprs, index, frames)
+        store.write_bytes(join_uri(out, "annotations", VICAS_VERSION, f"{index:06d}.json"), _json(doc))
+        if index not in valid:
+            splits["train"].append(index)
+    for split, ids in splits.items():
+        summary.videos_per_split[split] = len(ids)
+        store.write_bytes(join_uri(out, "splits", VICAS_VERSION, f"{split}.json"), _json(ids))
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     layout: str = "revos",
@@ -249,10 +313,10 @@ def write_synthetic_dataset(
     workers: int = 1,
 ) -> SynthSummary:
     """Simulate ``num_videos`` videos and write them with their expressions and masks under ``out_dir`` (a
-    local folder or s3:// prefix) in the ``layout`` ("revos" or "reasonvos"). ``valid_fraction`` of the videos
-    go to the ReVOS valid split (at least one and not all of them when it is positive); ReasonVOS has one
-    split. Each scene holds ``min_objects`` to ``max_objects`` objects. Existing files of the same names are
-    replaced; others are left alone. ``workers`` > 1 renders ReVOS-layout videos in that many processes (the
+    local folder or s3:// prefix) in the ``layout`` ("revos", "reasonvos" or "vicas"). ``valid_fraction`` of the
+    videos go to the ReVOS valid split (at least one and not all of them when it is positive; ViCaS: to val and
+    test by turns); ReasonVOS has one split. Each scene holds ``min_objects`` to ``max_objects`` objects.
+    Existing files of the same names are replaced; others are left alone. ``workers`` > 1 renders ReVOS-layout videos in that many processes (the
     same bytes as one process: each video has its own generator)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
@@ -270,6 +334,8 @@ def write_synthetic_dataset(
     summary = SynthSummary(out, layout, num_videos, num_frames, height, width, seed)
     if layout == "revos":
         _write_revos(store, summary, cfg, _valid_videos(num_videos, valid_fraction, seed), workers)
+    elif layout == "vicas":
+        _write_vicas(store, summary, cfg, _valid_videos(num_videos, valid_fraction, seed))
     else:
         _write_reasonvos(store, summary, cfg)
     return summary
