@@ -39,7 +39,7 @@ from veason_ray.training.checkpoint import (
     mark_complete,
     save_engine_state,
 )
-from veason_ray.training.grpo_update import combine_metrics, loss_normalizer, micro_batch_count
+from veason_ray.training.grpo_update import combine_metrics, loss_normalizer, plan_micro_batches
 from veason_ray.weight_transport import WeightChecksum
 
 
@@ -57,25 +57,49 @@ class LearnerWorker:
         """This node's address and a free port, for rank 0 to host the process group."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(
-        self, master_addr: str, master_port: int, model_dir: str, reference_dir: str, ranks_on_node: int = 1
-    ) -> dict[str, Any]:
-        """Join the process group and build the engine, the reference and the transport. `ranks_on_node`:
-        the learner ranks sharing this node's cores for `learner.optimizer_threads=0`."""
+    def read_models(self, model_dir: str, reference_dir: str, ranks_on_node: int = 1) -> float:
+        """The CPU part of set-up, which may run while another pool starts on this node's GPU: the processor,
+        the policy and the reference read into CPU memory. `ranks_on_node`: the learner ranks sharing this node's
+        cores for `learner.optimizer_threads=0`. Returns its seconds."""
+        start = time.perf_counter()
         threads = self.cfg.learner.optimizer_threads or max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
         if self.cfg.learner.offload_optimizer:  # else the CPU threads Ray gave this actor (num_cpus) stay
             # Ray set OMP_NUM_THREADS to this actor's num_cpus; DeepSpeedCPUAdam's OpenMP runtime reads it when
-            # its extension loads (below, in build_engine), torch's intra-op pool from set_num_threads.
+            # its extension loads (in setup's build_engine), torch's intra-op pool from set_num_threads.
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        import deepspeed
         import torch
         from transformers import AutoProcessor
 
-        from veason_ray.training.deepspeed_engine import (
-            build_engine,
-            load_frozen_policy,
-            load_trainable_policy,
-        )
+        from veason_ray.training.deepspeed_engine import load_frozen_policy, load_trainable_policy
+        from veason_ray.training.packed_attention import enable_packed_attention
+
+        if self.cfg.learner.offload_optimizer:
+            torch.set_num_threads(threads)
+        torch.manual_seed(self.cfg.run.seed + self.rank)
+        learner = self.cfg.learner
+        attn = self.cfg.model.attn_implementation
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self._policy = load_trainable_policy(model_dir, learner, attn)
+        self._reference: Any = None
+        if learner.loss.kl_coef > 0:
+            same = Path(reference_dir).resolve() == Path(model_dir).resolve()
+            if learner.lora.enabled and same:
+                self._reference = "adapters-off"
+            else:
+                self._reference = load_frozen_policy(reference_dir, learner.bf16, torch.device("cpu"), attn)
+        if learner.micro_batch_tokens > 0:
+            for model in (self._policy, self._reference):
+                if isinstance(model, torch.nn.Module):
+                    enable_packed_attention(model)
+        return time.perf_counter() - start
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """The rest of set-up, after `read_models`: join the process group, build the DeepSpeed engine on this rank's
+        device (the GPU memory it takes from here on), move the reference there, and the weight transport."""
+        import deepspeed
+        import torch
+
+        from veason_ray.training.deepspeed_engine import build_engine
         from veason_ray.training.grpo_update import GRPOUpdater
         from veason_ray.training.sequences import vision_token_ids
 
@@ -98,22 +122,13 @@ class LearnerWorker:
             world_size=self.world_size,
             verbose=False,
         )
-        torch.manual_seed(self.cfg.run.seed + self.rank)
-        if self.cfg.learner.offload_optimizer:
-            torch.set_num_threads(threads)
         learner = self.cfg.learner
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        attn = self.cfg.model.attn_implementation
-        self.engine = build_engine(load_trainable_policy(model_dir, learner, attn), learner, self.on_gpu)
+        self.engine = build_engine(self._policy, learner, self.on_gpu)
         device = next(self.engine.module.parameters()).device
-        reference: Any = None
-        if learner.loss.kl_coef > 0:
-            same = Path(reference_dir).resolve() == Path(model_dir).resolve()
-            reference = (
-                "adapters-off"
-                if learner.lora.enabled and same
-                else load_frozen_policy(reference_dir, learner.bf16, device, attn)
-            )
+        reference = self._reference
+        if isinstance(reference, torch.nn.Module):
+            reference = reference.to(device)
+        self._policy = self._reference = None  # the engine and the updater hold them now
         tokenizer = self.processor.tokenizer
         forbidden = vision_token_ids(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -155,7 +170,7 @@ class LearnerWorker:
         self._sequences = sequences
         cfg = self.cfg.learner
         return {
-            "micro_batches": micro_batch_count(len(sequences), cfg.micro_batch_size),
+            "micro_batches": len(plan_micro_batches(sequences, cfg)),
             "normalizer": loss_normalizer(sequences, cfg.loss.aggregation, self.updater.forbidden_ids),
         }
 
@@ -256,8 +271,11 @@ class LearnerGroup:
         model_dir: str,
         reference_dir: str | None = None,
         scheduling: Sequence[dict[str, Any]] | None = None,
+        defer_device: bool = False,
     ) -> None:
-        """`scheduling`: per rank, Ray scheduling options (e.g. its placement-group bundle)."""
+        """`scheduling`: per rank, Ray scheduling options (e.g. its placement-group bundle). The ranks load the
+        models into CPU memory at once; they take their GPUs now, or (`defer_device`) when the caller calls
+        `start_device_setup`, and the group is usable after `wait_ready`."""
         self.cfg = cfg
         learner = cfg.learner
         world = learner.workers
@@ -272,18 +290,33 @@ class LearnerGroup:
         places = self._gather(
             [w.rendezvous.remote() for w in self.workers], "rendezvous"
         )  # (node address, a free port)
-        addr, port = places[0]
+        self._master = places[0]
         nodes = [node for node, _ in places]
         reference = reference_dir or cfg.model.reference or model_dir
-        start = time.perf_counter()
-        self.setup_info = self._gather(
-            [
-                w.setup.remote(addr, port, str(model_dir), str(reference), nodes.count(node))
-                for w, node in zip(self.workers, nodes, strict=True)
-            ],
-            "setup",
-        )
-        self.setup_seconds = time.perf_counter() - start
+        self._started = time.perf_counter()
+        # Actor calls run in order: each rank's setup (GPU) starts once its read_models (CPU) is done.
+        self._loads = [
+            w.read_models.remote(str(model_dir), str(reference), nodes.count(node))
+            for w, node in zip(self.workers, nodes, strict=True)
+        ]
+        self._setups: list[Any] = []
+        self.load_seconds = self.setup_seconds = 0.0
+        self.setup_info: list[dict[str, Any]] = []
+        if not defer_device:
+            self.wait_ready()
+
+    def start_device_setup(self) -> None:
+        """Let the ranks take their GPUs: the process group, the DeepSpeed engine, the reference on the device.
+        With `defer_device`, the caller says when (after a colocated engine has sized its memory)."""
+        if not self._setups:
+            self._setups = [w.setup.remote(*self._master) for w in self.workers]
+
+    def wait_ready(self) -> None:
+        """Waits for every rank's model reading and device set-up (started here if it was not)."""
+        self.start_device_setup()
+        self.load_seconds = max(self._gather(self._loads, "read_models"))
+        self.setup_info = self._gather(self._setups, "setup")
+        self.setup_seconds = time.perf_counter() - self._started
 
     def _gather(self, calls: list[Any], what: str) -> list[Any]:
         """Every rank's answer to its call `what`, each within `learner.timeout_s`; a rank that does not answer

@@ -96,6 +96,8 @@ def engine_env(cfg: RolloutConfig, on_gpu: bool) -> dict[str, str]:
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if separate else "0"}
     if separate:
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if cfg.compile_cache_dir:  # rollout.compile_cache_dir
+        env["VLLM_CACHE_ROOT"] = os.path.abspath(os.path.expanduser(cfg.compile_cache_dir))
     return env
 
 
@@ -160,7 +162,9 @@ def rollout_sampling_params(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,
         stop=stop,
+        stop_token_ids=list(sampling.stop_token_ids) or None,
         logprobs=0,  # the sampled token's log-prob only
         flat_logprobs=True,
         detokenize=stop is not None,

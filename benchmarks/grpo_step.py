@@ -13,13 +13,24 @@ around the weight push (CUDA IPC). The seconds are the driver's own metrics (`ti
 tokens/s/GPU as EasyR1 defines it: (prompt + response tokens of every sequence) / step seconds / GPUs, against
 EasyR1's published 1,800 tokens/s/GPU for Qwen2.5-VL-3B on an H100 and this project's goal of 2x (3,600).
 
-Random weights never emit EOS, so every response runs to `--max-new-tokens` (a trained policy stops earlier),
-and their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
+Random weights never emit EOS, so every response runs to `--max-new-tokens` (a trained policy stops at 100-400
+tokens, unevenly). `--lengths realistic` gives them such a spread: no response stops before 100 tokens
+(`rollout.sampling.min_new_tokens`), then each sampled token ends it with probability ~1/150 (a random
+1/150 of the vocabulary is made `rollout.sampling.stop_token_ids`; random weights sample near uniformly), so
+lengths are 100 + geometric (mean ~250, 90% under ~450, a few cut at `--max-new-tokens`). The table prints the
+lengths the step really had. With it, `learner.micro_batch_tokens=N` (packed micro-batches) against the default
+(padded) is the comparison of issue 27 item 2. Their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
 its wait here is a lower bound. The table says both with the measured shares.
 
     python benchmarks/grpo_step.py --out $OUT/grpo_step.json      # GPU, 3B shapes, 1 warm-up + 2 timed steps
     python benchmarks/grpo_step.py --tiny                          # CPU check: tiny models, logical GPU
     python benchmarks/grpo_step.py learner.micro_batch_size=8      # trailing key=value: config overrides
+    python benchmarks/grpo_step.py --lengths realistic learner.micro_batch_tokens=32768   # packed, real lengths
+    python benchmarks/grpo_step.py --startups 2     # start-up only: the driver started twice on the same models,
+                                                    # the first with an empty vLLM compile cache, the second warm
+
+Start-up: the engines, the learner reading its models into CPU memory beside them, then the learner on its GPU
+beside the SAM2 reward pool (pipelines/grpo.py); the table splits it so.
 """
 
 from __future__ import annotations
@@ -40,9 +51,15 @@ from pathlib import Path
 for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_key, _value)
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from benchmarks.rollout import make_groups, write_random_3b_in_child  # noqa: E402
+from benchmarks.rollout import (  # noqa: E402
+    REALISTIC_MEAN_EXTRA_TOKENS,
+    REALISTIC_MIN_TOKENS,
+    make_groups,
+    write_random_3b_in_child,
+)
 from pipelines.grpo import Batch, GRPODriver, run_outputs  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 from veason_ray.config_loading import load_config, save_config  # noqa: E402
@@ -51,6 +68,7 @@ from veason_ray.records import PromptGroup  # noqa: E402
 EASYR1_TOKENS_PER_S_PER_GPU = 1800.0  # EasyR1's published Qwen2.5-VL-3B GRPO throughput on H100
 GOAL_TOKENS_PER_S_PER_GPU = 3600.0  # issue 8: >= 2x EasyR1
 BASE_CONFIG = "configs/qwen2.5vl-3b-1gpu.yaml"
+FIRST_SPECIAL_TOKEN = 151643  # Qwen2.5's <|endoftext|>: the stop ids are drawn from the text tokens below it
 T0 = time.perf_counter()
 
 
@@ -118,6 +136,8 @@ def build_config(args: argparse.Namespace, policy: Path, sam2: Path, run_dir: Pa
         "trainer.sample_images_every=0",
         "trainer.wandb.mode=disabled",
     ]
+    if args.lengths == "realistic":
+        overrides += realistic_length_overrides(args, policy)
     if args.tiny:  # the same colocated path on a CPU machine: one logical GPU, float32, no sleep mode
         overrides += [
             "placement.num_gpus=1",
@@ -134,17 +154,42 @@ def build_config(args: argparse.Namespace, policy: Path, sam2: Path, run_dir: Pa
     return load_config(args.config, overrides + list(args.overrides))
 
 
+def realistic_length_overrides(args: argparse.Namespace, policy: Path) -> list[str]:
+    """`--lengths realistic`: a minimum length, then stop ids covering 1 / mean-extra of the policy's text
+    vocabulary (drawn with a fixed seed), so a near-uniform random policy stops after a geometric number of
+    tokens. With --tiny, scaled to its 16 new tokens."""
+    from transformers import AutoConfig
+
+    minimum, extra = (4, 6) if args.tiny else (REALISTIC_MIN_TOKENS, REALISTIC_MEAN_EXTRA_TOKENS)
+    vocab = AutoConfig.from_pretrained(policy).text_config.vocab_size
+    text_ids = np.arange(min(1000, vocab // 4), min(vocab, FIRST_SPECIAL_TOKEN))
+    stop = sorted(
+        np.random.default_rng(0).choice(text_ids, size=len(text_ids) // extra, replace=False).tolist()
+    )
+    return [
+        f"rollout.sampling.min_new_tokens={minimum}",
+        f"rollout.sampling.stop_token_ids=[{','.join(map(str, stop))}]",
+    ]
+
+
 def write_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """The policy (random 3B shapes, or the tiny model) and a random SAM2.1 hiera-tiny folder."""
+    """The policy (random 3B shapes, or the tiny model) and a random SAM2.1 hiera-tiny folder, under `work`, or
+    under `--models-dir`, where each is written only if missing and kept for the next run: vLLM's compile cache is
+    keyed by the model's path, so a warm start needs the same folder."""
     from veason_ray.models.tiny_sam2 import write_tiny_sam2
 
-    if args.tiny:
-        from veason_ray.models.tiny_qwen import write_tiny_qwen
+    base = Path(args.models_dir) if args.models_dir else work
+    policy = base / ("qwen2_5_vl_tiny" if args.tiny else "qwen2_5_vl_3b_random")
+    sam2 = base / "sam2_hiera_t"
+    if not (policy / "config.json").is_file():
+        if args.tiny:
+            from veason_ray.models.tiny_qwen import write_tiny_qwen
 
-        policy = write_tiny_qwen(work / "qwen2_5_vl_tiny", seed=0)
-    else:
-        policy = write_random_3b_in_child(work / "qwen2_5_vl_3b_random")
-    sam2 = write_tiny_sam2(work / "sam2_hiera_t", seed=0, image_size=256 if args.tiny else 1024)
+            write_tiny_qwen(policy, seed=0)
+        else:
+            write_random_3b_in_child(policy)
+    if not sam2.is_dir():
+        write_tiny_sam2(sam2, seed=0, image_size=256 if args.tiny else 1024)
     return policy, sam2
 
 
@@ -242,8 +287,9 @@ def print_table(args: argparse.Namespace, steps: list[dict[str, float]], info: d
         f"{args.max_new_tokens} new tokens, {info['gpus']:g} GPU(s), {info['placement']}"
     )
     print(
-        f"setup: models written {info['write_s']:.0f} s, driver start {info['startup_s']:.0f} s (learner "
-        f"{info['learner_setup_s']:.0f} s, engine {info['engine_start_s']:.0f} s), warm-up step "
+        f"setup: models written {info['write_s']:.0f} s, driver start {info['startup_s']:.0f} s (engines up at "
+        f"{info['engines_up_s']:.0f} s; learner: models read {info['learner_load_s']:.0f} s beside them, then "
+        f"{info['learner_device_s']:.0f} s on its GPU), warm-up step "
         f"({args.warmup_prompts} prompts, untimed) {info['warmup_s']:.0f} s"
     )
     width = 50
@@ -271,14 +317,65 @@ def print_table(args: argparse.Namespace, steps: list[dict[str, float]], info: d
     memory = info["memory"]
     print(
         f"peak GPU memory: {memory}\n"
-        f"responses: mean length {last['response/length_mean']:.0f} tokens, {last['response/truncated']:.0%} cut at "
-        f"{args.max_new_tokens} (random weights seldom stop: a trained policy stops earlier)\n"
+        f"responses ({args.lengths} lengths): mean length {last['response/length_mean']:.0f} tokens, longest "
+        f"{last['response/length_max']:.0f}, {last['response/truncated']:.0%} cut at {args.max_new_tokens}\n"
         f"rewards: parse rate {last['reward/parse_rate']:.0%}, mean total {last['reward/total']:.3f} (answers of random "
         "weights do not parse: the reward pool scores the format part and runs no SAM2 propagation, so its wait "
         "is a lower bound)"
     )  # fmt: skip
     if len(steps) < args.steps:
         print(f"only {len(steps)} of {args.steps} timed steps fitted --budget-s {args.budget_s:.0f}")
+
+
+STARTUP_PARTS = (
+    ("driver start (placement to every pool ready)", "startup_s"),
+    ("  engines up", "engines_up_s"),
+    ("    of it: vLLM's own start in the engine", "vllm_start_s"),
+    ("  learner: models read into CPU memory (beside the engines)", "learner_load_s"),
+    ("  learner: on its GPU (beside the reward pool)", "learner_device_s"),
+)
+
+
+def measure_startups(args: argparse.Namespace, policy: Path, sam2: Path, work: Path) -> int:
+    """`--startups N`: the driver started N times on the same model folders with one vLLM compile cache
+    (`rollout.compile_cache_dir`, empty at the first start), each shut down once up; the split of each."""
+    cache = work / "vllm_compile_cache"
+    rows = []
+    try:
+        for index in range(args.startups):
+            cfg = build_config(args, policy, sam2, work / f"run{index}")
+            cfg.rollout.compile_cache_dir = str(cache)
+            ray.init(
+                num_cpus=cfg.placement.num_cpus or None,
+                num_gpus=cfg.placement.num_gpus or None,
+                include_dashboard=False,
+                log_to_driver=args.actor_logs,
+            )
+            label = "cold" if index == 0 else "warm"
+            say(f"start-up {index + 1} ({label} compile cache)")
+            driver = GRPODriver(cfg, run_outputs(cfg))
+            try:
+                row = {"label": label, "startup_s": driver.startup_seconds, **driver.startup_split}
+                row["vllm_start_s"] = max(i["start_seconds"] for i in driver.rollout.engine_info)
+                rows.append(row)
+                say(
+                    f"start-up {index + 1}: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "label")
+                )
+            finally:
+                driver.shutdown()
+                ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    width = 62
+    print(f"\nDriver start-up, {'tiny' if args.tiny else 'Qwen2.5-VL 3B shapes'}, {args.config}")
+    print(f"{'seconds':<{width}}" + "".join(f"{r['label']:>10}" for r in rows))
+    for label, key in STARTUP_PARTS:
+        print(f"{label:<{width}}" + "".join(f"{r[key]:>10.1f}" for r in rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "startups": rows}))
+    return 0
 
 
 def main() -> int:
@@ -296,7 +393,20 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=560)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument(
+        "--lengths",
+        choices=("max", "realistic"),
+        default="max",
+        help="max: every response runs to --max-new-tokens (random weights); realistic: 100 + geometric",
+    )
+    parser.add_argument(
         "--budget-s", type=float, default=520, help="skip a timed step that would end past this many seconds"
+    )
+    parser.add_argument("--models-dir", default="", help="keep the written models here for the next run")
+    parser.add_argument(
+        "--startups",
+        type=int,
+        default=0,
+        help="only measure this many driver start-ups (cold cache, then warm)",
     )
     parser.add_argument("--actor-logs", action="store_true", help="stream the actors' logs (vLLM, DeepSpeed)")
     parser.add_argument("--out", default="", help="write the per-step metrics and the summary as JSON here")
@@ -312,6 +422,8 @@ def main() -> int:
     say(f"writing the models under {work}")
     policy, sam2 = write_models(args, work)
     write_s = time.perf_counter() - T0
+    if args.startups:
+        return measure_startups(args, policy, sam2, work)
     cfg = build_config(args, policy, sam2, work / "run")
     save_config(cfg, work / "run" / "config.yaml")
     monitor = GPUMemoryMonitor() if not args.tiny else None
@@ -331,8 +443,7 @@ def main() -> int:
             "placement": driver.placement.description,
             "write_s": write_s,
             "startup_s": driver.startup_seconds,
-            "learner_setup_s": driver.learner.setup_seconds,
-            "engine_start_s": driver.rollout.start_seconds,
+            **driver.startup_split,
         }
         steps = run_steps(driver, args, info, monitor)
         info["memory"] = peak_memory(driver, monitor)

@@ -36,22 +36,24 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from actors.learner import LearnerGroup  # noqa: E402
-from benchmarks.rollout import make_groups, write_random_3b  # noqa: E402
+from benchmarks.rollout import make_groups, realistic_lengths, write_random_3b  # noqa: E402
 from veason_ray.config import VeasonConfig  # noqa: E402
 from veason_ray.config_loading import load_config  # noqa: E402
 from veason_ray.records import TrainItem  # noqa: E402
 
 
 def make_items(
-    groups: int, n: int, frames: int, size: int, response_tokens: int, vocab: int
+    groups: int, n: int, frames: int, size: int, response_tokens: int, vocab: int, realistic: bool = False
 ) -> list[TrainItem]:
-    """n responses of exactly `response_tokens` random text tokens per group, advantages of a real group."""
+    """n responses of random text tokens per group, advantages of a real group; each of exactly
+    `response_tokens` tokens, or (`realistic`) of lengths drawn from the realistic spread capped there."""
     rng = np.random.default_rng(1)
     items = []
     for group in make_groups(groups, frames, size):
         advantages = rng.standard_normal(n)
+        lengths = realistic_lengths(rng, n, response_tokens) if realistic else [response_tokens] * n
         for i in range(n):
-            tokens = rng.integers(100, vocab, response_tokens).tolist()
+            tokens = rng.integers(100, vocab, lengths[i]).tolist()
             items.append(TrainItem(group, tokens, [], float(advantages[i])))
     return items
 
@@ -126,6 +128,7 @@ def run_setting(
         "peak_gib": memory.get("peak_allocated_gib", float("nan")),
         "trainable": group.setup_info[0]["trainable_params"],
         "grad_norm": second["grad_norm"],
+        "loss": second["loss"],
     }
 
 
@@ -138,6 +141,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=300)
+    parser.add_argument(
+        "--response-lengths",
+        choices=("fixed", "realistic"),
+        default="fixed",
+        help="fixed: every response --response-tokens long; realistic: 100 + geometric (mean ~250) capped there",
+    )
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--warmup-sequences", type=int, default=8, help="the untimed first update's size")
     parser.add_argument("--variants", default="", help='"name:key=value,...;name2:..." config overrides')
@@ -158,7 +167,10 @@ def main() -> None:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
-        items = make_items(args.groups, args.n, frames, size, args.response_tokens, min(vocab, 150000))
+        realistic = args.response_lengths == "realistic"
+        items = make_items(
+            args.groups, args.n, frames, size, args.response_tokens, min(vocab, 150000), realistic
+        )
         rows = []
         for setting in args.settings.split(","):
             for name, overrides in parse_variants(args.variants).items():
@@ -167,8 +179,10 @@ def main() -> None:
                 if args.out:
                     Path(args.out).write_text(json.dumps(rows, indent=1))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"\nLearner: one GRPO update, {len(items)} sequences, {frames} frames at {size}, "
-          f"{args.response_tokens} response tokens, micro-batch {args.micro_batch_size}, {device}")  # fmt: skip
+    lengths = [len(i.token_ids) for i in items]
+    print(f"\nLearner: one GRPO update, {len(items)} sequences, {frames} frames at {size}, {args.response_lengths} "
+          f"response lengths (mean {np.mean(lengths):.0f}, min {min(lengths)}, max {max(lengths)}), micro-batch "
+          f"{args.micro_batch_size} unless packed, {device}")  # fmt: skip
     header = (
         "setting",
         "variant",
@@ -182,12 +196,14 @@ def main() -> None:
         "tok/s",
         "resp tok/s",
         "peak GiB",
+        "loss",
+        "grad norm",
     )
     print(" | ".join(header))
     for r in rows:
         print(
             f"{r['setting']} | {r['variant']} | {r['trainable'] / 1e6:.1f} M | {r['setup_s']:.0f} | {r['first_s']:.1f} | "
-            f"{r['update_s']:.1f} | {r['reference_s']:.1f} | {r['optimizer_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f}"
+            f"{r['update_s']:.1f} | {r['reference_s']:.1f} | {r['optimizer_s']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.0f} | {r['resp_tok_s']:.0f} | {r['peak_gib']:.1f} | {r['loss']:.6g} | {r['grad_norm']:.6g}"
         )
     ray.shutdown()
 

@@ -155,6 +155,19 @@ def write_random_3b_in_child(out_dir: Path) -> Path:
     return out_dir
 
 
+# "Realistic" response lengths (issue 27): a trained policy stops at 100-400 tokens, unevenly. Modelled as no
+# response shorter than REALISTIC_MIN_TOKENS, then a geometric number of tokens of mean REALISTIC_MEAN_EXTRA_TOKENS
+# (mean ~250, 90% under ~450).
+REALISTIC_MIN_TOKENS = 100
+REALISTIC_MEAN_EXTRA_TOKENS = 150
+
+
+def realistic_lengths(rng: np.random.Generator, count: int, cap: int) -> list[int]:
+    """`count` response lengths of the realistic spread, at most `cap`."""
+    extra = rng.geometric(1 / REALISTIC_MEAN_EXTRA_TOKENS, count) - 1
+    return np.minimum(REALISTIC_MIN_TOKENS + extra, cap).tolist()
+
+
 def make_groups(count: int, frames: int, size: int) -> list[PromptGroup]:
     rng = np.random.default_rng(0)
     groups = []

@@ -134,19 +134,43 @@ class GRPODriver:
         start = time.perf_counter()
         self.placement = build_placement(cfg)
         log.info("placement: %s", self.placement.description)
-        self.learner = LearnerGroup(cfg, policy, reference, scheduling=self.placement.learner)
+        # The pools start side by side, except where a GPU is shared: vLLM sizes its KV cache from the device's
+        # free memory between its start and its profiling pass, so on a colocated GPU the learner reads its
+        # models into CPU memory meanwhile and takes the GPU once the engines are up (with the reward pool).
+        colocated = cfg.placement.mode == "colocated"
+        self.learner = LearnerGroup(
+            cfg, policy, reference, scheduling=self.placement.learner, defer_device=True
+        )
+        if not colocated:
+            self.learner.start_device_setup()
         self.rollout = RolloutPool(
             policy,
             cfg.rollout,
             dtype=cfg.model.dtype,
             seed=cfg.run.seed,
             scheduling=self.placement.rollout,
-            colocated=cfg.placement.mode == "colocated",
+            colocated=colocated,
         )
+        engines_up = time.perf_counter() - start
+        self.learner.start_device_setup()
         self.reward = SAM2RewardPool(
             cfg.reward, cfg.storage, cache_dir=cache, scheduling=self.placement.reward
         )
+        self.learner.wait_ready()
         self.startup_seconds = time.perf_counter() - start
+        self.startup_split = {
+            "learner_load_s": self.learner.load_seconds,  # CPU, beside the engines' start
+            "engines_up_s": engines_up,
+            "learner_device_s": max(i["seconds"] for i in self.learner.setup_info),
+            "learner_ready_s": self.learner.setup_seconds,  # since its actors were created
+        }
+        log.info(
+            "started in %.0f s: engines up at %.0f s; learner loaded in %.0f s, on its device in %.0f s",
+            self.startup_seconds,
+            engines_up,
+            self.startup_split["learner_load_s"],
+            self.startup_split["learner_device_s"],
+        )
         self.gpus = sum(b.get("GPU", 0) for g in self.placement.groups for b in g.bundle_specs)
         # One thread generates the next batch while the learner trains; it alone uses the rollout and reward
         # pools until the step waits for it (neither pool is thread-safe).

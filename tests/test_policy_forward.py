@@ -14,6 +14,7 @@ from veason_ray.training.sequences import (
     collate,
     encode_prompt,
     loss_mask,
+    pack_by_tokens,
     split_micro_batches,
 )
 from veason_ray.weight_transport import checksum_weights
@@ -34,6 +35,16 @@ def _prompt(processor, frames: int, seed: int):
     rng = np.random.default_rng(seed)
     images = list(rng.integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8))
     return encode_prompt(processor, build_messages(list(range(0, 2 * frames, 2)), "the red square", images))
+
+
+def _two_sharing_a_prompt(processor, seed: int, lengths: tuple[int, int, int]) -> list[PolicySequence]:
+    """Three responses of random tokens: the first and third to one 2-frame prompt, the second to a 3-frame one."""
+    gen = torch.Generator().manual_seed(seed)
+    shared, other = _prompt(processor, 2, seed + 2), _prompt(processor, 3, seed + 3)
+    return [
+        PolicySequence(prompt, torch.randint(100, 300, (n,), generator=gen))
+        for prompt, n in zip((shared, other, shared), lengths, strict=True)
+    ]
 
 
 def _full_forward_logprobs(model, seq: PolicySequence) -> torch.Tensor:
@@ -75,6 +86,79 @@ def test_padded_batch_logprobs_equal_each_sequence_alone(tiny):
     assert (entropy[batch.response_mask.bool()] > 0).all()
     vocab = model.config.text_config.vocab_size
     assert (entropy <= np.log(vocab) + 1e-4).all()
+
+
+def test_packed_batch_equals_the_padded_batch_in_logprobs_and_gradients(tiny):
+    """Packed (one row, no padding, attention within each sequence) gives the padded batch's log-probs,
+    entropies and gradients: three sequences of uneven lengths, two sharing a prompt, one with 2 and one with 3
+    frames, through the model with gradient checkpointing as the learner runs it."""
+    import copy
+
+    from veason_ray.training.packed_attention import enable_packed_attention
+
+    base, processor = tiny
+    model = copy.deepcopy(base)
+    enable_packed_attention(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    sequences = _two_sharing_a_prompt(processor, seed=11, lengths=(13, 2, 5))
+    padded, packed = collate(sequences, pad_id=0), collate(sequences, pad_id=0, packed=True)
+    assert packed.input_ids.shape == (1, sum(s.num_tokens for s in sequences))
+    assert packed.tokens == padded.tokens and packed.row_bounds[-1] == packed.input_ids.shape[1]
+    assert padded.input_ids.numel() > packed.input_ids.numel()  # the padding that packing saves
+
+    def run(batch):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=4)
+        ((logprobs + 0.1 * entropy) * batch.response_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logprobs.detach(), entropy.detach(), grads
+
+    lp_pad, ent_pad, grad_pad = run(padded)
+    lp_pack, ent_pack, grad_pack = run(packed)
+    mask = padded.response_mask.bool()
+    assert torch.allclose(lp_pack[mask], lp_pad[mask], atol=1e-5)
+    assert torch.allclose(ent_pack[mask], ent_pad[mask], atol=1e-5)
+    for row, seq in enumerate(sequences):  # and each sequence alone
+        n = int(seq.response_ids.numel())
+        assert torch.allclose(lp_pack[row, :n], _full_forward_logprobs(base, seq), atol=1e-5)
+    assert grad_pad.keys() == grad_pack.keys() and len(grad_pad) > 10
+    for name, want in grad_pad.items():
+        assert torch.allclose(grad_pack[name], want, atol=1e-5, rtol=1e-4), name
+
+
+def test_pack_by_tokens_fills_each_micro_batch_in_order_up_to_the_budget():
+    a, b, c = _FakePrompt(10), _FakePrompt(10), _FakePrompt(10)
+    lengths = (5, 20, 1, 3, 40, 2)
+    lone = [
+        PolicySequence(p, torch.zeros(r, dtype=torch.long))
+        for p, r in zip([a, b, c] * 2, lengths, strict=True)
+    ]
+    chunks = pack_by_tokens(lone, 40)  # tokens 15, 30, 11, 13, 50, 12: no two neighbours share a prompt
+    assert [[s.num_tokens for s in c] for c in chunks] == [[15], [30], [11, 13], [50], [12]]
+    assert [s for c in chunks for s in c] == lone  # order kept
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        pack_by_tokens(lone, 0)
+
+
+def test_pack_by_tokens_keeps_a_group_in_one_micro_batch_when_it_fits_one():
+    """Groups of 3 x 12 tokens under a budget of 50: a group never straddles two micro-batches (its images would
+    be encoded twice); a group larger than the budget (4 x 20 tokens) is split by sequences."""
+    a, b, c, big = (_FakePrompt(10) for _ in range(4))
+    group = [PolicySequence(p, torch.zeros(2, dtype=torch.long)) for p in (a, a, a, b, b, b, c, c, c)]
+    chunks = pack_by_tokens(group, 50)
+    assert [[id(s.prompt) for s in ch] for ch in chunks] == [[id(a)] * 3, [id(b)] * 3, [id(c)] * 3]
+    large = [PolicySequence(big, torch.zeros(10, dtype=torch.long)) for _ in range(4)]
+    chunks = pack_by_tokens(group[:3] + large, 50)
+    assert [[s.num_tokens for s in ch] for ch in chunks] == [[12, 12, 12], [20, 20], [20, 20]]
+
+
+class _FakePrompt:
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def test_vision_tokens_in_a_response_are_fed_as_pad_and_mask_what_follows(tiny):
@@ -129,13 +213,8 @@ def test_rows_sharing_a_prompt_encode_its_images_once(tiny):
     """A GRPO group's responses share one prompt: the vision tower runs once per distinct prompt in a
     micro-batch, and log-probs and gradients equal those of each sequence alone."""
     model, processor = tiny
-    gen = torch.Generator().manual_seed(3)
-    shared, other = _prompt(processor, 2, 5), _prompt(processor, 3, 6)
-    sequences = [
-        PolicySequence(shared, torch.randint(100, 300, (6,), generator=gen)),
-        PolicySequence(other, torch.randint(100, 300, (4,), generator=gen)),
-        PolicySequence(shared, torch.randint(100, 300, (9,), generator=gen)),
-    ]
+    sequences = _two_sharing_a_prompt(processor, seed=3, lengths=(6, 4, 9))
+    shared, other = sequences[0].prompt, sequences[1].prompt
     batch = collate(sequences, pad_id=0)
     assert batch.prompt_of_row == [0, 1, 0] and batch.images_per_prompt == [2, 3]
     calls = []

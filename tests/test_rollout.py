@@ -35,7 +35,12 @@ from prompt_groups import make_group  # noqa: E402
 from ray.exceptions import RayTaskError  # noqa: E402
 
 from actors.engine_health import RolloutEngineDead, engine_death  # noqa: E402
-from actors.rollout import RolloutEngineError, rollout_sampling_params, sampled_logprobs  # noqa: E402
+from actors.rollout import (  # noqa: E402
+    RolloutEngineError,
+    engine_env,
+    rollout_sampling_params,
+    sampled_logprobs,
+)
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from actors.weight_sync import ReloadTransport  # noqa: E402
 from veason_ray.config import RolloutConfig, SamplingConfig  # noqa: E402
@@ -116,6 +121,15 @@ def test_requests_ask_for_flat_undetokenized_logprobs():
     assert params.flat_logprobs and not params.detokenize and params.seed is None
     stopped = rollout_sampling_params(SamplingConfig(stop=["</answer>"]), n=2, seed=5)
     assert stopped.detokenize and stopped.flat_logprobs and stopped.seed == 5
+    by_id = rollout_sampling_params(SamplingConfig(stop_token_ids=[7, 9], min_new_tokens=3), n=2)
+    assert by_id.stop_token_ids == [7, 9] and by_id.min_tokens == 3 and not by_id.detokenize
+
+
+def test_engine_env_points_vllm_at_the_configured_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert "VLLM_CACHE_ROOT" not in engine_env(RolloutConfig(), on_gpu=False)  # vLLM's own default
+    cfg = RolloutConfig(compile_cache_dir="~/vllm-cache")
+    assert engine_env(cfg, on_gpu=False)["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
 
 
 def test_sampled_logprobs_reads_flat_and_per_token_logprobs():

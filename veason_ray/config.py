@@ -187,6 +187,9 @@ class SamplingConfig:
     top_p: float = field(default=1.0, metadata=within(0, 1, low_open=True))
     max_new_tokens: int = field(default=1024, metadata=ge(1))
     stop: list[str] = field(default_factory=list)
+    # token ids that end a response (beside the model's EOS), and the tokens a response has before any may
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = field(default=0, metadata=ge(0))
 
 
 @dataclass
@@ -216,6 +219,11 @@ class RolloutConfig:
     )  # weights synced in between
     enable_sleep_mode: bool = True  # GPU only; vLLM's CPU worker has no sleep mode
     enforce_eager: bool = False  # True skips torch.compile and CUDA graphs (fast start; CPU tests, demo)
+    # where vLLM keeps its torch.compile artefacts (Inductor and Triton caches under it), so the next start of
+    # the same model and settings loads them instead of compiling (~30 s for the 3B on an H100): a folder that
+    # outlives the node (a persistent volume) on clusters whose nodes come and go; "" = vLLM's default
+    # (VLLM_CACHE_ROOT, else ~/.cache/vllm)
+    compile_cache_dir: str = ""
     max_model_len: int = field(default=8192, metadata=ge(1))  # prompt + response tokens
     max_images_per_prompt: int = field(default=8, metadata=ge(1))
     # never sample <|vision_start|>, <|image_pad|>, ... (a logit_bias: slows vLLM's sampler; the GPU configs turn
@@ -335,6 +343,10 @@ class LearnerConfig:
     bf16: bool = True
     gradient_checkpointing: bool = True
     micro_batch_size: int = field(default=4, metadata=ge(1))
+    # > 0: micro-batches packed by tokens: consecutive sequences (prompt + response) back to back in one row of
+    # at most this many tokens, attention kept within each sequence, no padding (micro_batch_size is then not
+    # used; needs model.attn_implementation=sdpa). 0: micro_batch_size sequences, right-padded to the longest
+    micro_batch_tokens: int = field(default=0, metadata=ge(0))
     lr: float = field(default=1e-6, metadata=gt(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = field(default=0.01, metadata=ge(0))

@@ -26,14 +26,25 @@ import torch
 from veason_ray.config import LearnerConfig
 from veason_ray.grpo import grpo_policy_loss
 from veason_ray.training.policy_forward import response_logprobs
-from veason_ray.training.sequences import MicroBatch, PolicySequence, collate, loss_mask, split_micro_batches
+from veason_ray.training.sequences import (
+    MicroBatch,
+    PolicySequence,
+    collate,
+    loss_mask,
+    pack_by_tokens,
+    split_micro_batches,
+)
 
 _SUMMED = ("loss", "pg_loss", "kl", "entropy")  # normalised by the global count: their sum is the batch value
 _TOKEN_MEANS = ("clip_fraction", "ppo_kl", "ratio_mean")
 
 
-def micro_batch_count(sequences: int, micro_batch_size: int) -> int:
-    return -(-sequences // micro_batch_size)
+def plan_micro_batches(sequences: Sequence[PolicySequence], cfg: LearnerConfig) -> list[list[PolicySequence]]:
+    """This rank's micro-batches: packed by `learner.micro_batch_tokens` when set, else `micro_batch_size`
+    sequences each."""
+    if cfg.micro_batch_tokens > 0:
+        return pack_by_tokens(sequences, cfg.micro_batch_tokens)
+    return split_micro_batches(sequences, cfg.micro_batch_size)
 
 
 def loss_normalizer(
@@ -50,10 +61,10 @@ def loss_normalizer(
 
 
 def _padded_micro_batches(
-    sequences: Sequence[PolicySequence], size: int, count: int
+    sequences: Sequence[PolicySequence], cfg: LearnerConfig, count: int
 ) -> list[list[PolicySequence]]:
     """The micro-batches of `sequences`, padded to `count` with masked copies (no loss tokens)."""
-    chunks = split_micro_batches(sequences, size)
+    chunks = plan_micro_batches(sequences, cfg)
     first = sequences[0]
     empty = replace(
         first,
@@ -94,7 +105,8 @@ class GRPOUpdater:
             torch.cuda.synchronize(self.device)
 
     def _batch(self, sequences: Sequence[PolicySequence]) -> MicroBatch:
-        return collate(sequences, self.pad_id, self.forbidden_ids).to(self.device)
+        packed = self.cfg.micro_batch_tokens > 0
+        return collate(sequences, self.pad_id, self.forbidden_ids, packed=packed).to(self.device)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: MicroBatch) -> torch.Tensor:
@@ -111,7 +123,7 @@ class GRPOUpdater:
         `count` micro-batches (equal on every rank)."""
         self.engine.module.eval()
         out: list[torch.Tensor] = []
-        for chunk in _padded_micro_batches(sequences, self.cfg.micro_batch_size, count):
+        for chunk in _padded_micro_batches(sequences, self.cfg, count):
             batch = self._batch(chunk)
             values = (
                 self._reference_logprobs(batch)
@@ -139,7 +151,7 @@ class GRPOUpdater:
             ratio_max=0.0,
             reference_seconds=0.0,
         )
-        chunks = _padded_micro_batches(sequences, cfg.micro_batch_size, count)
+        chunks = _padded_micro_batches(sequences, cfg, count)
         for index, chunk in enumerate(chunks):
             # Gradients accumulate until the last micro-batch; there they are reduced and the step taken.
             self.engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)

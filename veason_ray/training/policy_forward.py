@@ -3,7 +3,8 @@
 The backbone runs over the whole padded sequence with its images (M-RoPE positions computed by the model from
 the token ids, image grids and attention mask, as in generation; each distinct prompt's images encoded once);
 the LM head then runs only on the positions that predict response tokens, so a 2,500-token prompt never
-materialises 2,500 x vocab logits. Log-probs are of the raw logits (temperature 1), which is what the rollout
+materialises 2,500 x vocab logits. A packed micro-batch (one row, no padding) gets each sequence's M-RoPE positions
+from its prompt (`packed_position_ids`) and attention within each sequence (`packed_attention.py`). Log-probs are of the raw logits (temperature 1), which is what the rollout
 engine reports and the paper samples with.
 
 Even over response positions only, float32 logits are large (8 rows x 1,024 tokens x 151,936 vocab = 5 GiB, and
@@ -15,10 +16,12 @@ logits ever exist. 0 keeps the plain autograd path (every response token's logit
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from veason_ray.training.packed_attention import skip_mask_creation
 from veason_ray.training.sequences import MicroBatch
 
 
@@ -61,17 +64,23 @@ def response_logprobs(
 def _score(
     lm: Any, batch: MicroBatch, with_entropy: bool, chunk_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if batch.packed:
+        inputs = {
+            "position_ids": packed_position_ids(lm, batch),
+            "attention_mask": skip_mask_creation(lm.model.language_model.config),
+            "packed_row_bounds": batch.row_bounds,
+        }
+    else:
+        inputs = {"attention_mask": batch.attention_mask, **batch.token_inputs, **row_grids(batch)}
     out = lm.model(
-        input_ids=batch.input_ids,
-        inputs_embeds=input_embeddings(lm, batch),
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-        **batch.token_inputs,
-        **row_grids(batch),
+        input_ids=batch.input_ids, inputs_embeds=input_embeddings(lm, batch), use_cache=False, **inputs
     )
     hidden = out.last_hidden_state
-    index = batch.response_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    response_hidden = hidden.gather(1, index)
+    if batch.packed:  # (B, R, H) from the one row
+        response_hidden = hidden[0][batch.response_positions]
+    else:
+        index = batch.response_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        response_hidden = hidden.gather(1, index)
     head = lm.lm_head
     # A ZeRO-3 partitioned weight is whole only inside the head's own forward: there, the plain path.
     plain_head = type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_status")
@@ -189,10 +198,54 @@ def input_embeddings(lm: Any, batch: MicroBatch) -> torch.Tensor:
     return embeds.masked_scatter(slots, features)
 
 
+def packed_position_ids(lm: Any, batch: MicroBatch) -> torch.Tensor:
+    """(3, 1, T) M-RoPE positions of a packed row: each sequence's as if it were alone. A prompt's come from
+    the model's own `get_rope_index` (once per distinct prompt); its response's text positions continue from the
+    prompt's largest, as they do in a padded row."""
+    grids = per_prompt_grids(batch)
+    by_prompt: dict[int, torch.Tensor] = {}
+    parts = []
+    bounds = batch.row_bounds
+    for row, prompt in enumerate(batch.prompt_of_row):
+        start, length = bounds[row], batch.prompt_lengths[row]
+        if prompt not in by_prompt:
+            ids = batch.input_ids[:, start : start + length]
+            if grids is None or grids[prompt].numel() == 0:
+                by_prompt[prompt] = torch.arange(length, device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+            else:
+                extra = {k: v[:, start : start + length] for k, v in batch.token_inputs.items()}
+                rope_index = lm.model.get_rope_index
+                by_prompt[prompt] = rope_index(
+                    input_ids=ids,
+                    image_grid_thw=grids[prompt],
+                    attention_mask=torch.ones_like(ids),
+                    **accepted_keywords(rope_index, extra),
+                )[0]
+        positions = by_prompt[prompt]
+        response = bounds[row + 1] - start - length
+        after = positions.max() + 1 + torch.arange(response, device=positions.device)
+        parts += [positions, after.view(1, 1, -1).expand(3, 1, -1)]
+    return torch.cat(parts, dim=-1)
+
+
+def accepted_keywords(function: Any, keywords: dict[str, Any]) -> dict[str, Any]:
+    """The `keywords` that `function` takes (all of them if it takes **kwargs): transformers releases differ in
+    which per-token inputs (e.g. `mm_token_type_ids`) `get_rope_index` reads."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return keywords
+    return {k: v for k, v in keywords.items() if k in parameters}
+
+
+def per_prompt_grids(batch: MicroBatch) -> tuple[torch.Tensor, ...] | None:
+    """`image_grid_thw` split by the batch's distinct prompts (None without images)."""
+    grid = batch.vision_inputs.get("image_grid_thw")
+    return None if grid is None else torch.split(grid, batch.images_per_prompt)
+
+
 def row_grids(batch: MicroBatch) -> dict[str, torch.Tensor]:
     """`image_grid_thw` of every row's images in row order (what the model's M-RoPE position ids need)."""
-    grid = batch.vision_inputs.get("image_grid_thw")
-    if grid is None:
+    per_prompt = per_prompt_grids(batch)
+    if per_prompt is None:
         return {}
-    per_prompt = torch.split(grid, batch.images_per_prompt)
     return {"image_grid_thw": torch.cat([per_prompt[p] for p in batch.prompt_of_row])}

@@ -3,7 +3,10 @@
 A prompt is encoded once per GRPO group with the model's processor, exactly as the rollout engine renders it
 (`actors/rollout.py`: the chat template over `Sample.messages()` with the frames as images), so the learner's
 token ids, M-RoPE positions and vision tokens are those generation used. Each response is appended to its
-prompt; micro-batches are right-padded with an attention mask.
+prompt. A micro-batch is either right-padded rows with an attention mask (`collate`), or packed (`collate(...,
+packed=True)`): every sequence's tokens back to back in one row, no padding, with the row bounds that keep each
+sequence's attention within itself (`veason_ray/training/packed_attention.py`). `pack_by_tokens` forms packed
+micro-batches by a token budget, so an uneven batch costs its tokens, not its longest row times the rows.
 
 Vision special tokens inside a response (`<|image_pad|>` ...; a random policy emits them, see
 `rollout.suppress_vision_tokens`) cannot be fed back: Qwen2.5-VL would count them as image slots. They are fed as
@@ -97,13 +100,14 @@ def loss_mask(response_ids: torch.Tensor, forbidden_ids: Iterable[int]) -> torch
 
 @dataclass
 class MicroBatch:
-    """Right-padded tensors of B sequences.
+    """The tensors of B sequences, right-padded (B rows of L tokens) or packed (one row of their T tokens).
 
-    input_ids, attention_mask: (B, L); token_inputs: per-token extra inputs (B, L); vision_inputs: concatenated
+    input_ids, attention_mask: (B, L) or (1, T); token_inputs: per-token extra inputs, the same shape;
+    row_bounds: packed only, (B + 1) offsets of each sequence in the row; prompt_lengths (B,); vision_inputs: concatenated
     over the images of the batch's distinct prompts (a GRPO group's responses share one prompt, whose images
     the vision tower then encodes once); prompt_of_row (B,): each row's index among those prompts;
     images_per_prompt: their image counts. response_positions (B, R): for response token j of row b, the
-    position whose logits predict it (prompt length + j - 1); response_ids (B, R); response_mask (B, R)
+    position whose logits predict it (its start + prompt length + j - 1); response_ids (B, R); response_mask (B, R)
     float, 1 on tokens that enter the loss; advantages (B,); old_logprobs / ref_logprobs (B, R) or None."""
 
     input_ids: torch.Tensor
@@ -119,6 +123,12 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     response_lengths: list[int]
+    prompt_lengths: list[int]
+    row_bounds: tuple[int, ...] | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.row_bounds is not None
 
     def to(self, device: torch.device | str) -> MicroBatch:
         def move(x: Any) -> Any:
@@ -136,21 +146,23 @@ class MicroBatch:
 
 
 def collate(
-    sequences: Sequence[PolicySequence], pad_id: int, forbidden_ids: Iterable[int] = ()
+    sequences: Sequence[PolicySequence], pad_id: int, forbidden_ids: Iterable[int] = (), packed: bool = False
 ) -> MicroBatch:
-    """One right-padded micro-batch; forbidden (vision) ids in responses are fed as `pad_id` and masked as
-    `loss_mask` says."""
+    """One micro-batch, right-padded or `packed` (see MicroBatch); forbidden (vision) ids in responses are fed
+    as `pad_id` and masked as `loss_mask` says."""
     if not sequences:
         raise ValueError("collate needs at least one sequence")
     forbidden = sorted(set(forbidden_ids))
-    length = max(s.num_tokens for s in sequences)
+    lengths = [s.num_tokens for s in sequences]
+    starts = [sum(lengths[:row]) for row in range(len(lengths))] if packed else [0] * len(lengths)
+    rows, length = (1, sum(lengths)) if packed else (len(sequences), max(lengths))
     width = max(1, max(int(s.response_ids.numel()) for s in sequences))
     batch = len(sequences)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, length), dtype=torch.long)
+    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, length), dtype=torch.long)
     keys = sorted(sequences[0].prompt.token_inputs)
     token_inputs = {
-        k: torch.zeros((batch, length), dtype=sequences[0].prompt.token_inputs[k].dtype) for k in keys
+        k: torch.zeros((rows, length), dtype=sequences[0].prompt.token_inputs[k].dtype) for k in keys
     }
     positions = torch.zeros((batch, width), dtype=torch.long)
     targets = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -163,12 +175,13 @@ def collate(
         fed = response.clone()
         if forbidden:
             fed[torch.isin(fed, torch.tensor(forbidden, dtype=fed.dtype))] = pad_id
-        input_ids[row, :p] = prompt.input_ids
-        input_ids[row, p : p + r] = fed
-        attention[row, : p + r] = 1
+        line, at = (0, starts[row]) if packed else (row, 0)
+        input_ids[line, at : at + p] = prompt.input_ids
+        input_ids[line, at + p : at + p + r] = fed
+        attention[line, at : at + p + r] = 1
         for k in keys:
-            token_inputs[k][row, :p] = prompt.token_inputs[k]  # response tokens are text (0)
-        positions[row, :r] = torch.arange(p - 1, p + r - 1)
+            token_inputs[k][line, at : at + p] = prompt.token_inputs[k]  # response tokens are text (0)
+        positions[row, :r] = torch.arange(at + p - 1, at + p + r - 1)
         targets[row, :r] = response
         mask[row, :r] = loss_mask(response, forbidden).float()
         if old is not None:
@@ -195,6 +208,8 @@ def collate(
         old_logprobs=old,
         ref_logprobs=ref,
         response_lengths=[int(s.response_ids.numel()) for s in sequences],
+        prompt_lengths=[len(s.prompt) for s in sequences],
+        row_bounds=(*starts, sum(lengths)) if packed else None,
     )
 
 
@@ -203,3 +218,34 @@ def split_micro_batches(items: Sequence[Any], size: int) -> list[list[Any]]:
     if size < 1:
         raise ValueError(f"learner.micro_batch_size must be >= 1, got {size}")
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def pack_by_tokens(sequences: Sequence[PolicySequence], budget: int) -> list[list[PolicySequence]]:
+    """`sequences` in order as micro-batches of at most `budget` tokens each (prompt + response; a longer
+    sequence alone). A run of sequences sharing a prompt (a GRPO group) is kept in one micro-batch when it fits
+    in one, so the vision tower encodes its images once: it starts a new micro-batch rather than straddle two;
+    a run larger than the budget fills micro-batches one sequence at a time."""
+    if budget < 1:
+        raise ValueError(f"learner.micro_batch_tokens must be >= 1 to pack, got {budget}")
+    runs: list[list[PolicySequence]] = []
+    for seq in sequences:
+        if runs and runs[-1][0].prompt is seq.prompt:
+            runs[-1].append(seq)
+        else:
+            runs.append([seq])
+    chunks: list[list[PolicySequence]] = []
+    used = budget
+    for run in runs:
+        size = sum(s.num_tokens for s in run)
+        if size <= budget and used + size > budget:  # the group fits a micro-batch of its own: start one
+            chunks.append([])
+            used = 0
+        for seq in run:
+            if used + seq.num_tokens > budget and chunks and chunks[-1]:
+                chunks.append([])
+                used = 0
+            if not chunks:
+                chunks.append([])
+            chunks[-1].append(seq)
+            used += seq.num_tokens
+    return chunks

@@ -1,0 +1,159 @@
+"""Padded against packed micro-batches on one GPU: the same sequences through the policy's forward and backward
+both ways (`learner.micro_batch_tokens` 0 vs > 0), side by side in one process: seconds, tokens fed, peak memory,
+and how far the packed log-probs and entropies are from the padded ones (bf16 on the GPU; the CPU tests hold them
+equal to 1e-5 in float32: tests/test_policy_forward.py).
+
+Default (GPU): a random-init Qwen2.5-VL with the 3B shapes (`benchmarks/rollout.py`'s writer, or `--model DIR`
+where it is written if missing), bf16, gradient checkpointing, as the learner loads it; `--groups` GRPO groups of
+n = 8 responses of the realistic spread (100 + geometric, mean ~250, capped at `--max-new-tokens`) to a prompt of
+6 frames at 560x560 (~2,600 tokens). Padded: one micro-batch per group (the 1-GPU config's micro_batch_size=8).
+Packed: the groups packed by `--micro-batch-tokens`. Each layout: one untimed pass, then `--repeats` timed ones.
+
+    python benchmarks/packed_microbatch.py                       # GPU, 3B shapes
+    python benchmarks/packed_microbatch.py --tiny                # CPU check: tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.rollout import make_groups, realistic_lengths, write_random_3b  # noqa: E402
+from veason_ray.config import LearnerConfig  # noqa: E402
+from veason_ray.training.deepspeed_engine import load_trainable_policy  # noqa: E402
+from veason_ray.training.packed_attention import enable_packed_attention  # noqa: E402
+from veason_ray.training.policy_forward import response_logprobs  # noqa: E402
+from veason_ray.training.sequences import (  # noqa: E402
+    PolicySequence,
+    collate,
+    encode_prompt,
+    pack_by_tokens,
+    split_micro_batches,
+)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_sequences(processor, args: argparse.Namespace) -> list[PolicySequence]:
+    rng = np.random.default_rng(0)
+    vocab = min(processor.tokenizer.vocab_size, 150000)
+    sequences = []
+    for group in make_groups(args.groups, args.frames, args.size):
+        prompt = encode_prompt(processor, group.sample.messages())
+        for length in realistic_lengths(rng, args.n, args.max_new_tokens):
+            response = torch.as_tensor(rng.integers(100, vocab, length), dtype=torch.long)
+            sequences.append(PolicySequence(prompt, response, advantage=float(rng.standard_normal())))
+    return sequences
+
+
+def run_layout(model, chunks, packed: bool, device, repeats: int) -> dict:
+    """Forward + backward of every chunk (loss: sum of log-probs and entropies over loss tokens), timed; the
+    log-probs and entropies of the first pass per sequence."""
+    seconds, fed, values = [], 0, []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for chunk in chunks:
+            batch = collate(chunk, pad_id=0, packed=packed).to(device)
+            logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=2048)
+            ((logprobs + 1e-3 * entropy) * batch.response_mask).sum().backward()
+            if attempt == 0:
+                fed += batch.input_ids.numel()
+                values += [
+                    (logprobs[i, :n].detach().float().cpu(), entropy[i, :n].detach().float().cpu())
+                    for i, n in enumerate(batch.response_lengths)
+                ]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first pass is the untimed warm-up
+            seconds.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"seconds": float(np.median(seconds)), "fed": fed, "values": values, "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU, float32 (a check)")
+    parser.add_argument("--model", default="", help="the 3B-shaped folder (written there if missing)")
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--size", type=int, default=560)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="padded: sequences a micro-batch")
+    parser.add_argument("--micro-batch-tokens", type=int, default=32768, help="packed: tokens a micro-batch")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    if args.tiny:
+        args.groups, args.n, args.frames, args.size, args.max_new_tokens = 2, 4, 2, 112, 64
+        args.micro_batch_size, args.micro_batch_tokens, args.repeats = 4, 2048, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            from veason_ray.models.tiny_qwen import write_tiny_qwen
+
+            model_dir = write_tiny_qwen(Path(tmp) / "qwen2_5_vl_tiny", seed=0)
+        else:
+            model_dir = Path(args.model or Path(tmp) / "qwen2_5_vl_3b_random")
+            if not (model_dir / "config.json").is_file():
+                say(f"writing the random 3B-shaped policy to {model_dir}")
+                write_random_3b(model_dir)
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_dir)
+        cfg = LearnerConfig(bf16=not args.tiny, gradient_checkpointing=True)
+        model = load_trainable_policy(str(model_dir), cfg, "sdpa").to(device)
+        enable_packed_attention(model)  # a call without row bounds stays plain SDPA: the padded layout
+        model.train()
+        sequences = build_sequences(processor, args)
+        lengths = [int(s.response_ids.numel()) for s in sequences]
+        say(f"{len(sequences)} sequences, prompt {len(sequences[0].prompt)} tokens, responses mean "
+            f"{np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)})")  # fmt: skip
+        layouts = {
+            "padded": (split_micro_batches(sequences, args.micro_batch_size), False),
+            "packed": (pack_by_tokens(sequences, args.micro_batch_tokens), True),
+        }
+        rows = {}
+        for name, (chunks, packed) in layouts.items():
+            rows[name] = {
+                "micro_batches": len(chunks),
+                **run_layout(model, chunks, packed, device, args.repeats),
+            }
+            say(f"{name}: {rows[name]['seconds']:.2f} s forward + backward")
+    real = sum(s.num_tokens for s in sequences)
+    base = rows["padded"]
+    print(f"\nPadded vs packed micro-batches, {'tiny' if args.tiny else 'Qwen2.5-VL 3B shapes'} on "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: {len(sequences)} sequences "
+          f"({real:,} real tokens), responses {np.mean(lengths):.0f} mean / {max(lengths)} max")  # fmt: skip
+    print("layout | micro-batches | tokens fed (with padding) | forward + backward s | vs padded | peak GiB | "
+          "max abs logprob diff | max abs entropy diff")  # fmt: skip
+    for name, row in rows.items():
+        lp = max(float((a[0] - b[0]).abs().max()) for a, b in zip(row["values"], base["values"], strict=True))
+        ent = max(
+            float((a[1] - b[1]).abs().max()) for a, b in zip(row["values"], base["values"], strict=True)
+        )
+        print(f"{name} | {row['micro_batches']} | {row['fed']:,} | {row['seconds']:.2f} | "
+              f"{base['seconds'] / row['seconds']:.2f}x | {row['peak_gib']:.1f} | {lp:.2e} | {ent:.2e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
