@@ -59,7 +59,8 @@ class LearnerWorker:
 
     def read_models(self, model_dir: str, reference_dir: str, ranks_on_node: int = 1) -> float:
         """The CPU part of set-up, which may run while another pool starts on this node's GPU: the processor,
-        the policy and the reference read into CPU memory. `ranks_on_node`: the learner ranks sharing this node's
+        the policy and the reference read into CPU memory. `model_dir` / `reference_dir`: local folders, or s3://
+        URIs or hub ids resolved here, on this rank's node (fetched once per node into `model.cache_dir`). `ranks_on_node`: the learner ranks sharing this node's
         cores for `learner.optimizer_threads=0`. Returns its seconds."""
         start = time.perf_counter()
         threads = self.cfg.learner.optimizer_threads or max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
@@ -70,6 +71,7 @@ class LearnerWorker:
         import torch
         from transformers import AutoProcessor
 
+        from veason_ray.models.loading import resolve_model_dir
         from veason_ray.training.deepspeed_engine import load_frozen_policy, load_trainable_policy
         from veason_ray.training.packed_attention import enable_packed_attention
 
@@ -78,6 +80,9 @@ class LearnerWorker:
         torch.manual_seed(self.cfg.run.seed + self.rank)
         learner = self.cfg.learner
         attn = self.cfg.model.attn_implementation
+        cache = self.cfg.model.cache_dir or None
+        model_dir = str(resolve_model_dir(model_dir, self.cfg.storage, cache))
+        reference_dir = str(resolve_model_dir(reference_dir, self.cfg.storage, cache))
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self._policy = load_trainable_policy(model_dir, learner, attn)
         self._reference: Any = None

@@ -55,7 +55,7 @@ from actors.engine_health import (
     watch_engine_core,
 )
 from actors.weight_sync.choice import receiver_class
-from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig
+from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig, StorageConfig
 from veason_ray.cpu_torch_workarounds import torch_threads_settable
 from veason_ray.inference import AnswerGenerator, PolicyInput
 from veason_ray.prompts import answer_regex
@@ -273,14 +273,21 @@ class RolloutEngine:
         seed: int = 0,
         colocated: bool = True,
         hang_first_generate_s: float = 0.0,
+        storage: StorageConfig | None = None,
+        cache_dir: str | None = None,
     ) -> None:
-        """`hang_first_generate_s` (rollout.inject_hang_s, fault injection): this actor's first generate blocks
-        that long, or until `abort_engine`, as a hung vLLM would."""
+        """`model_dir`: a local folder, or an s3:// URI or hub id resolved here, on this actor's node (once per
+        node, into `cache_dir`; `storage` reaches s3://). `hang_first_generate_s` (rollout.inject_hang_s, fault
+        injection): this actor's first generate blocks that long, or until `abort_engine`, as a hung vLLM would."""
         import torch
+
+        from veason_ray.models.loading import resolve_model_dir
 
         self.on_gpu = torch.cuda.is_available()
         apply_engine_env(cfg, self.on_gpu)
         from transformers import AutoProcessor
+
+        model_dir = str(resolve_model_dir(model_dir, storage, cache_dir))
 
         self.cfg = cfg
         self.model_dir, self.dtype, self.seed, self.colocated = model_dir, dtype, seed, colocated

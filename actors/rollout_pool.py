@@ -35,7 +35,7 @@ from actors.engine_health import RolloutEngineDead
 from actors.rollout import RolloutEngine, RolloutEngineError, SleepState
 from actors.supervisor import STOP_TIMEOUT_S, ActorFailure, ActorSupervisor, SlotRestart
 from actors.weight_sync import SourceSender, SyncReport, WeightSender, WeightSource, WeightTransport
-from veason_ray.config import RolloutConfig, SamplingConfig
+from veason_ray.config import RolloutConfig, SamplingConfig, StorageConfig
 from veason_ray.contiguous_split import contiguous_slices
 from veason_ray.records import PromptGroup, Rollout
 from veason_ray.weight_transport import WeightChecksum
@@ -70,10 +70,15 @@ class RolloutPool:
         seed: int | None = 0,
         scheduling: Sequence[dict[str, Any]] | None = None,
         colocated: bool = True,
+        storage: StorageConfig | None = None,
+        cache_dir: str | None = None,
     ) -> None:
-        """`colocated`: the learner shares the engines' GPUs (placement.mode colocated); with
-        `rollout.weight_transport` auto it picks the engines' side of the transport, as it does the learner's."""
+        """`model_dir`: a local folder, or an s3:// URI or hub id each engine resolves on its node (`storage`,
+        `cache_dir`: see RolloutEngine). `colocated`: the learner shares the engines' GPUs (placement.mode
+        colocated); with `rollout.weight_transport` auto it picks the engines' side of the transport, as it does
+        the learner's."""
         self.model_dir = str(model_dir)
+        self.storage, self.cache_dir = storage, cache_dir
         self.cfg = cfg
         self.dtype = dtype
         self.seed = seed
@@ -134,7 +139,14 @@ class RolloutPool:
         hang = self.cfg.inject_hang_s if index == 0 and not self._hang_injected else 0.0
         self._hang_injected = self._hang_injected or index == 0
         return self._actor_cls.options(**self._scheduling[index]).remote(
-            self.model_dir, self.cfg, self.dtype, self.seed or 0, self.colocated, hang
+            self.model_dir,
+            self.cfg,
+            self.dtype,
+            self.seed or 0,
+            self.colocated,
+            hang,
+            self.storage,
+            self.cache_dir,
         )
 
     # ---- generation ----

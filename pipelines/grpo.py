@@ -118,7 +118,7 @@ class GRPODriver:
         from actors.learner import LearnerGroup
         from actors.reward import SAM2RewardPool
         from actors.rollout_pool import RolloutPool
-        from veason_ray.models.loading import resolve_model_dir
+        from veason_ray.models.loading import portable_model_spec
 
         check_trainer_config(cfg)
         self.cfg = cfg
@@ -127,10 +127,10 @@ class GRPODriver:
         self.checkpoints = checkpoint_root(cfg)
         init_ray(cfg.placement)
         cache = cfg.model.cache_dir or None
-        policy = str(resolve_model_dir(cfg.model.policy, cfg.storage, cache))
-        reference = (
-            str(resolve_model_dir(cfg.model.reference, cfg.storage, cache)) if cfg.model.reference else policy
-        )
+        # Each actor resolves the checkpoints on its own node (an s3:// copy fetched once per node, into
+        # model.cache_dir): a path resolved here would not exist on the other nodes of a cluster.
+        policy = portable_model_spec(cfg.model.policy)
+        reference = portable_model_spec(cfg.model.reference) if cfg.model.reference else policy
         start = time.perf_counter()
         self.placement = build_placement(cfg)
         log.info("placement: %s", self.placement.description)
@@ -150,6 +150,8 @@ class GRPODriver:
             seed=cfg.run.seed,
             scheduling=self.placement.rollout,
             colocated=colocated,
+            storage=cfg.storage,
+            cache_dir=cache,
         )
         engines_up = time.perf_counter() - start
         self.learner.start_device_setup()

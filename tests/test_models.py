@@ -186,6 +186,48 @@ def test_s3_copy_is_downloaded_once_and_loads(s3, tiny_dir, tmp_path):
     assert model.config.model_type == "qwen2_5_vl" and processor.tokenizer.eos_token == "<|im_end|>"
 
 
+def test_processes_resolving_one_s3_copy_at_once_download_it_once(s3, tiny_dir, tmp_path, monkeypatch):
+    """A node's learner rank and engines resolve the same s3:// policy at the same time: one copies it, the
+    others wait on the cache entry's file lock and take that copy (threads here: each opens the lock file, and
+    flock excludes separate opens as it does separate processes)."""
+    import threading
+    import time
+
+    from veason_ray.models import loading
+
+    copies = []
+    real_fetch = loading._fetch
+
+    def slow_fetch(*args):
+        copies.append(args[0])
+        time.sleep(0.5)  # the others arrive while the copy runs
+        return real_fetch(*args)
+
+    monkeypatch.setattr(loading, "_fetch", slow_fetch)
+    spec, results = "s3://models/tiny/qwen2_5_vl_tiny", []
+    threads = [
+        threading.Thread(target=lambda: results.append(resolve_model_dir(spec, s3, cache_dir=str(tmp_path))))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert copies == [spec] and len(results) == 3 and len(set(results)) == 1
+    source = tiny_dir / "qwen2_5_vl_tiny"
+    assert (results[0] / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+
+
+def test_a_local_spec_travels_as_an_absolute_path_and_a_remote_one_unchanged(tmp_path, monkeypatch):
+    from veason_ray.models.loading import portable_model_spec
+
+    (tmp_path / "policy").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_model_spec("policy") == str(tmp_path / "policy")
+    assert portable_model_spec("s3://bucket/policy") == "s3://bucket/policy"
+    assert portable_model_spec("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
 def test_loading_errors_name_the_spec(tmp_path, s3):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_policy(str(tmp_path))

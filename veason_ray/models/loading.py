@@ -13,6 +13,7 @@ The cache folder is ``cache_dir`` when given, else ``$VEASON_MODEL_CACHE``, else
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -58,11 +59,22 @@ def _cache_entry(uri: str, cache_dir: str | Path | None) -> Path:
 
 def _fetch_once(uri: str, storage: StorageConfig | None, cache_dir: str | Path | None) -> Path:
     """Copy the file or folder at an s3:// or http(s) URI into the cache (once) and return the local copy's
-    folder. A file lands in that folder under its own name."""
+    folder. A file lands in that folder under its own name. Once per node: processes resolving the same URI at
+    the same time (a node's learner rank and engines) wait on a file lock for the first one's copy."""
     local_dir = _cache_entry(uri, cache_dir)
     marker = local_dir.with_name(local_dir.name + _COMPLETE_SUFFIX)
     if marker.is_file() and local_dir.is_dir():
         return local_dir
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(local_dir.with_name(local_dir.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if marker.is_file() and local_dir.is_dir():
+            return local_dir  # another process copied it while this one waited
+        return _fetch(uri, storage, local_dir, marker)
+
+
+def _fetch(uri: str, storage: StorageConfig | None, local_dir: Path, marker: Path) -> Path:
+    """The copy itself, under `_fetch_once`'s lock; the marker that makes it complete is written last."""
     if _is_url(uri):
         local_dir.mkdir(parents=True, exist_ok=True)
         name = uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
@@ -93,6 +105,14 @@ def _hub_snapshot(repo_id: str) -> Path:
             f"model spec {repo_id!r}: no local folder of that name, and getting it from the Hugging Face hub "
             f"failed ({type(e).__name__}: {e})"
         ) from e
+
+
+def portable_model_spec(spec: str) -> str:
+    """`spec` as another process on this or another node should resolve it: an existing local folder as its
+    absolute path (actors do not share the driver's working folder), an s3:// URI or hub id unchanged (each node
+    fetches its own copy once)."""
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if not is_s3_uri(str(spec)) and path.is_dir() else str(spec)
 
 
 def resolve_model_dir(spec: str, storage: StorageConfig | None = None, cache_dir: str | None = None) -> Path:
