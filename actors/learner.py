@@ -60,8 +60,9 @@ class LearnerWorker:
     def read_models(self, model_dir: str, reference_dir: str, ranks_on_node: int = 1) -> float:
         """The CPU part of set-up, which may run while another pool starts on this node's GPU: the processor,
         the policy and the reference read into CPU memory. `model_dir` / `reference_dir`: local folders, or s3://
-        URIs or hub ids resolved here, on this rank's node (fetched once per node into `model.cache_dir`). `ranks_on_node`: the learner ranks sharing this node's
-        cores for `learner.optimizer_threads=0`. Returns its seconds."""
+        URIs or hub ids resolved here, on this rank's node (fetched once per node into `model.cache_dir`).
+        `ranks_on_node`: the learner ranks sharing this node's cores for `learner.optimizer_threads=0`. Returns
+        its seconds."""
         start = time.perf_counter()
         threads = self.cfg.learner.optimizer_threads or max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
         if self.cfg.learner.offload_optimizer:  # else the CPU threads Ray gave this actor (num_cpus) stay
@@ -99,8 +100,9 @@ class LearnerWorker:
         return time.perf_counter() - start
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        """The rest of set-up, after `read_models`: join the process group, build the DeepSpeed engine on this rank's
-        device (the GPU memory it takes from here on), move the reference there, and the weight transport."""
+        """The rest of set-up, after `read_models`: join the process group, build the DeepSpeed engine on this
+        rank's device (the GPU memory it takes from here on), move the reference there, and the weight
+        transport."""
         import deepspeed
         import torch
 

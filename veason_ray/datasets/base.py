@@ -59,6 +59,12 @@ def require_dict(value: Any, file: str, path: str) -> dict:
     return value
 
 
+def require_list(value: Any, file: str, path: str) -> list:
+    if not isinstance(value, list):
+        raise format_error(file, path, "list", value)
+    return value
+
+
 def require_str(value: Any, file: str, path: str) -> str:
     if not isinstance(value, str):
         raise format_error(file, path, "str", value)

@@ -49,6 +49,7 @@ from veason_ray.datasets.base import (
     require_field,
     require_int,
     require_int_list,
+    require_list,
     require_str,
 )
 from veason_ray.datasets.records import ExpressionRecord, MissingMaskEntryError, VideoInfo
@@ -102,12 +103,6 @@ class _ParsedVideo:
     skipped: list[SkippedEntry] = field(default_factory=list)
 
 
-def _require_list(value: Any, file: str, path: str) -> list:
-    if not isinstance(value, list):
-        raise format_error(file, path, "list", value)
-    return value
-
-
 def _image_size(doc: dict, file: str) -> tuple[int, int]:
     size = require_field(doc, "image_size", file, "")
     if not (isinstance(size, list) and len(size) == 2):
@@ -129,7 +124,7 @@ def _rle_problem(rle: Any, where: str, height: int, width: int) -> str | None:
 
 def _parse_segmentations(doc: dict, file: str, height: int, width: int) -> _Segmentations:
     """The ``segmentations`` of an annotation file, checked; DatasetFormatError naming the file and field."""
-    entries = _require_list(require_field(doc, "segmentations", file, ""), file, "segmentations")
+    entries = require_list(require_field(doc, "segmentations", file, ""), file, "segmentations")
     rows = []
     for k, entry in enumerate(entries):
         path = f"segmentations[{k}]"
@@ -143,7 +138,7 @@ def _parse_segmentations(doc: dict, file: str, height: int, width: int) -> _Segm
         if not isinstance(is_gt, bool):
             raise format_error(file, f"{path}.is_gt", "bool", is_gt)
         track_ids = require_int_list(require_field(entry, "track_ids", file, path), file, f"{path}.track_ids")
-        rles = _require_list(require_field(entry, "mask_rles", file, path), file, f"{path}.mask_rles")
+        rles = require_list(require_field(entry, "mask_rles", file, path), file, f"{path}.mask_rles")
         if len(rles) != len(track_ids) or len(set(track_ids)) != len(track_ids):
             raise DatasetFormatError(
                 f"{file}: {path}: expected one mask_rles entry per distinct track id, got track_ids "
@@ -289,9 +284,7 @@ class ViCaSDataset(VOSDataset):
                 )
             height, width = _image_size(doc, uri)
             segmentations = _parse_segmentations(doc, uri, height, width)
-            referrals = _require_list(
-                require_field(doc, "object_referrals", uri, ""), uri, "object_referrals"
-            )
+            referrals = require_list(require_field(doc, "object_referrals", uri, ""), uri, "object_referrals")
         except DatasetFormatError as error:
             return _ParsedVideo(None, skipped=[SkippedEntry(MALFORMED_ANNOTATION, name, None, str(error))])
         meta = VideoMeta(name, join_uri(self.root, "video_frames", name), segmentations.frames, height, width)

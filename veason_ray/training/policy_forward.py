@@ -3,9 +3,10 @@
 The backbone runs over the whole padded sequence with its images (M-RoPE positions computed by the model from
 the token ids, image grids and attention mask, as in generation; each distinct prompt's images encoded once);
 the LM head then runs only on the positions that predict response tokens, so a 2,500-token prompt never
-materialises 2,500 x vocab logits. A packed micro-batch (one row, no padding) gets each sequence's M-RoPE positions
-from its prompt (`packed_position_ids`) and attention within each sequence (`packed_attention.py`). Log-probs are of the raw logits (temperature 1), which is what the rollout
-engine reports and the paper samples with.
+materialises 2,500 x vocab logits. A packed micro-batch (one row, no padding) gets each sequence's M-RoPE
+positions from its prompt (`packed_position_ids`) and attention within each sequence (`packed_attention.py`).
+Log-probs are of the raw logits (temperature 1), which is what the rollout engine reports and the paper samples
+with.
 
 Even over response positions only, float32 logits are large (8 rows x 1,024 tokens x 151,936 vocab = 5 GiB, and
 softmax, entropy and their gradients as much again each). `learner.logprob_chunk_tokens` > 0 computes them

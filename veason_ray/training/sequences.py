@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -103,12 +104,13 @@ class MicroBatch:
     """The tensors of B sequences, right-padded (B rows of L tokens) or packed (one row of their T tokens).
 
     input_ids, attention_mask: (B, L) or (1, T); token_inputs: per-token extra inputs, the same shape;
-    row_bounds: packed only, (B + 1) offsets of each sequence in the row; prompt_lengths (B,); vision_inputs: concatenated
-    over the images of the batch's distinct prompts (a GRPO group's responses share one prompt, whose images
-    the vision tower then encodes once); prompt_of_row (B,): each row's index among those prompts;
-    images_per_prompt: their image counts. response_positions (B, R): for response token j of row b, the
-    position whose logits predict it (its start + prompt length + j - 1); response_ids (B, R); response_mask (B, R)
-    float, 1 on tokens that enter the loss; advantages (B,); old_logprobs / ref_logprobs (B, R) or None."""
+    row_bounds: packed only, the B + 1 offsets of the sequences in the row; prompt_lengths (B,);
+    vision_inputs: concatenated over the images of the batch's distinct prompts (a GRPO group's responses share
+    one prompt, whose images the vision tower then encodes once); prompt_of_row (B,): each sequence's index among
+    those prompts; images_per_prompt: their image counts. response_positions (B, R): for response token j of
+    sequence b, the position whose logits predict it (its start + prompt length + j - 1); response_ids (B, R);
+    response_mask (B, R) float, 1 on tokens that enter the loss; advantages (B,); old_logprobs / ref_logprobs
+    (B, R) or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -154,7 +156,7 @@ def collate(
         raise ValueError("collate needs at least one sequence")
     forbidden = sorted(set(forbidden_ids))
     lengths = [s.num_tokens for s in sequences]
-    starts = [sum(lengths[:row]) for row in range(len(lengths))] if packed else [0] * len(lengths)
+    starts = list(accumulate(lengths[:-1], initial=0)) if packed else [0] * len(lengths)
     rows, length = (1, sum(lengths)) if packed else (len(sequences), max(lengths))
     width = max(1, max(int(s.response_ids.numel()) for s in sequences))
     batch = len(sequences)
