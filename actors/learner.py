@@ -92,7 +92,9 @@ class LearnerWorker:
             if learner.lora.enabled and same:
                 self._reference = "adapters-off"
             else:
-                self._reference = load_frozen_policy(reference_dir, learner.bf16, torch.device("cpu"), attn)
+                self._reference = load_frozen_policy(
+                    reference_dir, learner.bf16, torch.device("cpu"), attn, learner.fused_elementwise
+                )
         if learner.micro_batch_tokens > 0:
             for model in (self._policy, self._reference):
                 if isinstance(model, torch.nn.Module):

@@ -39,6 +39,7 @@ from benchmarks.learner import learner_config, parse_variants, progress  # noqa:
 from benchmarks.rollout import make_groups, write_random_3b  # noqa: E402
 from veason_ray.config import LearnerConfig  # noqa: E402
 from veason_ray.grpo import grpo_policy_loss  # noqa: E402
+from veason_ray.models.fused_elementwise import fuse_elementwise  # noqa: E402
 from veason_ray.training.policy_forward import ChunkedTokenLogprobs, response_logprobs  # noqa: E402
 from veason_ray.training.sequences import MicroBatch, PolicySequence, collate, encode_prompt  # noqa: E402
 
@@ -130,6 +131,7 @@ def measure_variant(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The variant's timings (a table row) and its `numerics` on the same micro-batch as every variant of its
     micro-batch size."""
+    fuse_elementwise(model, cfg.fused_elementwise)  # compiled at the variant's first micro-batch (numerics)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -158,6 +160,7 @@ def measure_variant(
         "micro_batch_size": rows,
         "logprob_chunk_tokens": cfg.logprob_chunk_tokens,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "fused_elementwise": cfg.fused_elementwise,
         "tokens_per_micro_batch": batch.tokens,
         "policy_s_per_micro_batch": policy,
         "reference_s_per_micro_batch": reference,
@@ -303,12 +306,12 @@ def main() -> None:
             results["profile"] = profile_table(model, processor, chosen, args, vocab)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     print(f"\nPolicy forward + backward per micro-batch, {args.response_tokens} response tokens, {device}")
-    print("variant | micro-batch | chunk | checkpointing | s / micro-batch | ref s / micro-batch | "
+    print("variant | micro-batch | chunk | checkpointing | fused | s / micro-batch | ref s / micro-batch | "
           f"s / {SEQUENCES} seq | ref s / {SEQUENCES} seq | peak GiB")  # fmt: skip
     for r in results["variants"]:
         print(
             f"{r['variant']} | {r['micro_batch_size']} | {r['logprob_chunk_tokens']} | "
-            f"{r['gradient_checkpointing']} | {r['policy_s_per_micro_batch']:.2f} | "
+            f"{r['gradient_checkpointing']} | {r['fused_elementwise']} | {r['policy_s_per_micro_batch']:.2f} | "
             f"{r['reference_s_per_micro_batch']:.2f} | {r['policy_s_per_update']:.1f} | "
             f"{r['reference_s_per_update']:.1f} | {r['peak_gib']:.1f}"
         )

@@ -331,3 +331,50 @@ def test_chunked_logprobs_and_gradients_equal_the_plain_path(tiny):
     assert set(grads) == set(names)
     for name in names:
         assert torch.allclose(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow  # ~30 s on 2 cores with a cold Inductor cache: its compiles (C++ on the CPU)
+def test_fused_elementwise_equals_transformers_norms_and_mlps_and_comes_off_again(tiny):
+    """`learner.fused_elementwise`: the compiled RMSNorm and SwiGLU give transformers' log-probs, entropies and
+    every gradient (float32, gradient checkpointing, both towers), for a second batch of other lengths without
+    a new compile per length, and `enabled=False` restores transformers' own forwards."""
+    import copy
+
+    from veason_ray.models.fused_elementwise import fuse_elementwise
+
+    base, processor = tiny
+    model = copy.deepcopy(base)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    mlps = sum(hasattr(m, "gate_proj") for m in model.modules())
+    batches = [collate(_two_sharing_a_prompt(processor, seed, lengths), pad_id=0) for seed, lengths in
+               ((21, (9, 4, 6)), (22, (3, 12, 5)))]  # fmt: skip
+
+    def run(batch):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, batch, with_entropy=True)
+        ((logprobs + 0.1 * entropy) * batch.response_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logprobs.detach(), entropy.detach(), grads
+
+    plain = [run(batch) for batch in batches]
+    assert fuse_elementwise(model) == norms + mlps and norms >= 4 and mlps >= 4
+    assert fuse_elementwise(model) == 0  # already fused
+    from torch._dynamo.utils import counters
+
+    fused = [run(batches[0])]
+    compiled = counters["stats"]["unique_graphs"]
+    fused.append(run(batches[1]))
+    assert counters["stats"]["unique_graphs"] == compiled  # other lengths, the same kernels
+    for batch, (lp, ent, grads), (lp_f, ent_f, grads_f) in zip(batches, plain, fused, strict=True):
+        mask = batch.response_mask.bool()
+        assert torch.allclose(lp_f[mask], lp[mask], atol=1e-5)
+        assert torch.allclose(ent_f[mask], ent[mask], atol=1e-5)
+        assert grads.keys() == grads_f.keys() and len(grads) > 10
+        for name, want in grads.items():
+            assert torch.allclose(grads_f[name], want, atol=1e-5, rtol=1e-4), name
+    assert fuse_elementwise(model, enabled=False) == norms + mlps
+    restored = [m for m in model.modules() if hasattr(m, "gate_proj") or type(m).__name__.endswith("RMSNorm")]
+    assert len(restored) == norms + mlps and all("forward" not in m.__dict__ for m in restored)
+    assert torch.allclose(run(batches[0])[0], plain[0][0], atol=1e-6)

@@ -371,6 +371,9 @@ class LearnerConfig:
     # "bfloat16", the gradients themselves (with optimizer offload, summed in CPU memory through the GPU: every
     # gradient crosses PCIe twice a micro-batch)
     grad_accum_dtype: Literal["bfloat16", "float32"] = "float32"
+    # RMSNorm and SwiGLU as torch.compile'd fused kernels in the policy and the reference
+    # (veason_ray/models/fused_elementwise.py); the first micro-batch pays the compile
+    fused_elementwise: bool = False
     # seconds one learner call (set-up, an update, log-probs, a save, a load, an export) may take on every rank;
     # then the run stops naming the call and the ranks that did not answer
     timeout_s: float = field(default=3600.0, metadata=gt(0))

@@ -4,7 +4,8 @@
   frozen (`freeze_vision`: the ViT and its patch merger) and LoRA adapters on the language model's linear
   layers only (`lora.*`; the vision tower's MLP shares layer names, so the targets are matched under
   `language_model`). Gradient checkpointing (non-reentrant) when asked. The vision tower's windows are batched
-  (`veason_ray/models/vision_window_attention.py`) unless flash attention is configured.
+  (`veason_ray/models/vision_window_attention.py`) unless flash attention is configured; RMSNorm and SwiGLU run as
+  fused compiled kernels with `fused_elementwise` (`veason_ray/models/fused_elementwise.py`).
 - Optimizer: AdamW with the paper's defaults. Where DeepSpeed's own optimizers would be JIT-compiled for no
   gain it gets a torch AdamW: on CPU always (no compiler round-trip in CI), on GPU without offload (fused
   torch AdamW); with optimizer offload on GPU it gets DeepSpeedCPUAdam, whose vectorised CPU step is several
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from veason_ray.config import LearnerConfig
+from veason_ray.models.fused_elementwise import fuse_elementwise
 from veason_ray.models.vision_window_attention import batch_vision_windows
 
 
@@ -80,6 +82,7 @@ def load_trainable_policy(model_dir: str, cfg: LearnerConfig, attn_implementatio
     )
     model.config.use_cache = False
     batch_vision_windows(model)
+    fuse_elementwise(model, cfg.fused_elementwise)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -101,9 +104,14 @@ def load_trainable_policy(model_dir: str, cfg: LearnerConfig, attn_implementatio
 
 
 def load_frozen_policy(
-    model_dir: str, bf16: bool, device: torch.device, attn_implementation: str = "sdpa"
+    model_dir: str,
+    bf16: bool,
+    device: torch.device,
+    attn_implementation: str = "sdpa",
+    fused_elementwise: bool = False,
 ) -> Any:
-    """A frozen copy of a policy (the reference model of the KL term), in eval mode on `device`."""
+    """A frozen copy of a policy (the reference model of the KL term), in eval mode on `device`;
+    `fused_elementwise` as `learner.fused_elementwise`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -111,6 +119,7 @@ def load_frozen_policy(
     )
     model.requires_grad_(False)
     batch_vision_windows(model)
+    fuse_elementwise(model, fused_elementwise)
     return model.to(device).eval()
 
 
