@@ -165,6 +165,7 @@ def rollout_sampling_params(
         min_tokens=sampling.min_new_tokens,
         stop=stop,
         stop_token_ids=list(sampling.stop_token_ids) or None,
+        allowed_token_ids=list(sampling.allowed_token_ids) or None,
         logprobs=0,  # the sampled token's log-prob only
         flat_logprobs=True,
         detokenize=stop is not None,

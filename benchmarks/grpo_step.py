@@ -15,8 +15,10 @@ EasyR1's published 1,800 tokens/s/GPU for Qwen2.5-VL-3B on an H100 and this proj
 
 Random weights never emit EOS, so every response runs to `--max-new-tokens` (a trained policy stops at 100-400
 tokens, unevenly). `--lengths realistic` gives them such a spread: no response stops before 100 tokens
-(`rollout.sampling.min_new_tokens`), then each sampled token ends it with probability ~1/150 (a random
-1/150 of the vocabulary is made `rollout.sampling.stop_token_ids`; random weights sample near uniformly), so
+(`rollout.sampling.min_new_tokens`), then each sampled token ends it with probability ~1/150 (sampling is
+narrowed to 1,024 random text tokens, `rollout.sampling.allowed_token_ids`, 7 of which are
+`rollout.sampling.stop_token_ids`; random weights sample near uniformly; vLLM's GPU model runner takes at most
+128 stop ids beside a minimum length and 1,024 allowed ids, so a bare 1/150 of the vocabulary cannot stop), so
 lengths are 100 + geometric (mean ~250, 90% under ~450, a few cut at `--max-new-tokens`). The table prints the
 lengths the step really had. With it, `learner.micro_batch_tokens=N` (packed micro-batches) against the default
 (padded) is the comparison of issue 27 item 2. Their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
@@ -57,11 +59,12 @@ import ray  # noqa: E402
 from benchmarks.rollout import (  # noqa: E402
     REALISTIC_MEAN_EXTRA_TOKENS,
     REALISTIC_MIN_TOKENS,
+    WorkerLogs,
     make_groups,
     write_random_3b_in_child,
 )
 from pipelines.grpo import Batch, GRPODriver, run_outputs  # noqa: E402
-from veason_ray.config import VeasonConfig  # noqa: E402
+from veason_ray.config import VLLM_MAX_ALLOWED_TOKEN_IDS, VeasonConfig  # noqa: E402
 from veason_ray.config_loading import load_config, save_config  # noqa: E402
 from veason_ray.records import PromptGroup  # noqa: E402
 
@@ -155,20 +158,22 @@ def build_config(args: argparse.Namespace, policy: Path, sam2: Path, run_dir: Pa
 
 
 def realistic_length_overrides(args: argparse.Namespace, policy: Path) -> list[str]:
-    """`--lengths realistic`: a minimum length, then stop ids covering 1 / mean-extra of the policy's text
-    vocabulary (drawn with a fixed seed), so a near-uniform random policy stops after a geometric number of
-    tokens. With --tiny, scaled to its 16 new tokens."""
+    """`--lengths realistic`: a minimum length; sampling narrowed to (at most) 1,024 of the policy's text tokens,
+    and 1 / mean-extra of those made stop ids (drawn with a fixed seed), so a near-uniform random policy stops
+    after a geometric number of tokens. Within vLLM's per-request limits (`check_sampling`). With --tiny,
+    scaled to its 16 new tokens."""
     from transformers import AutoConfig
 
     minimum, extra = (4, 6) if args.tiny else (REALISTIC_MIN_TOKENS, REALISTIC_MEAN_EXTRA_TOKENS)
     vocab = AutoConfig.from_pretrained(policy).text_config.vocab_size
     text_ids = np.arange(min(1000, vocab // 4), min(vocab, FIRST_SPECIAL_TOKEN))
-    stop = sorted(
-        np.random.default_rng(0).choice(text_ids, size=len(text_ids) // extra, replace=False).tolist()
-    )
+    rng = np.random.default_rng(0)
+    allowed = rng.choice(text_ids, size=min(len(text_ids), VLLM_MAX_ALLOWED_TOKEN_IDS), replace=False)
+    stop = rng.choice(allowed, size=max(1, round(len(allowed) / extra)), replace=False)
     return [
         f"rollout.sampling.min_new_tokens={minimum}",
-        f"rollout.sampling.stop_token_ids=[{','.join(map(str, stop))}]",
+        f"rollout.sampling.allowed_token_ids=[{','.join(map(str, sorted(allowed.tolist())))}]",
+        f"rollout.sampling.stop_token_ids=[{','.join(map(str, sorted(stop.tolist())))}]",
     ]
 
 
@@ -336,6 +341,18 @@ STARTUP_PARTS = (
 )
 
 
+ACTOR_ERROR_MARKERS = ("Error", "error:", "Traceback", "raise ")
+
+
+def print_actor_errors(logs: WorkerLogs, limit: int = 40) -> None:
+    """The error lines Ray's workers logged since `logs.mark()` (vLLM's engine core, DeepSpeed, SAM2), which
+    the driver's exception only summarises (e.g. "vLLM raised EngineDeadError"); `--actor-logs` shows all."""
+    lines = logs.lines_since_mark(ACTOR_ERROR_MARKERS)
+    if lines:
+        print(f"\nerror lines in the actors' logs ({len(lines)}, the last {min(limit, len(lines))}):")
+        print("\n".join(lines[-limit:]), flush=True)
+
+
 def measure_startups(args: argparse.Namespace, policy: Path, sam2: Path, work: Path) -> int:
     """`--startups N`: the driver started N times on the same model folders with one vLLM compile cache
     (`rollout.compile_cache_dir`, empty at the first start), each shut down once up; the split of each."""
@@ -427,39 +444,45 @@ def main() -> int:
     cfg = build_config(args, policy, sam2, work / "run")
     save_config(cfg, work / "run" / "config.yaml")
     monitor = GPUMemoryMonitor() if not args.tiny else None
-    ray.init(
+    context = ray.init(
         num_cpus=cfg.placement.num_cpus or None,
         num_gpus=cfg.placement.num_gpus or None,
         include_dashboard=False,
         log_to_driver=args.actor_logs,
     )
-    say("starting the driver: placement, learner, rollout engine, SAM2 reward pool")
-    driver = GRPODriver(cfg, run_outputs(cfg))
+    logs = WorkerLogs(Path(context.address_info["session_dir"]) / "logs")
+    logs.mark()
     try:
-        say(f"driver ready in {driver.startup_seconds:.0f} s ({driver.placement.description})")
-        info = {
-            "device": monitor.name if monitor and monitor.available else "CPU (logical GPU)",
-            "gpus": driver.gpus,
-            "placement": driver.placement.description,
-            "write_s": write_s,
-            "startup_s": driver.startup_seconds,
-            **driver.startup_split,
-        }
-        steps = run_steps(driver, args, info, monitor)
-        info["memory"] = peak_memory(driver, monitor)
-        print_table(args, steps, info)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            summary = summarise(steps, info["gpus"])
-            Path(args.out).write_text(
-                json.dumps({"args": vars(args), "info": info, "steps": steps, "mean": summary})
-            )
-    finally:
-        if monitor is not None:
-            monitor.stop()
-        driver.shutdown()
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)  # the models (7.5 GB for the 3B) and the run folder
+        say("starting the driver: placement, learner, rollout engine, SAM2 reward pool")
+        driver = GRPODriver(cfg, run_outputs(cfg))
+        try:
+            say(f"driver ready in {driver.startup_seconds:.0f} s ({driver.placement.description})")
+            info = {
+                "device": monitor.name if monitor and monitor.available else "CPU (logical GPU)",
+                "gpus": driver.gpus,
+                "placement": driver.placement.description,
+                "write_s": write_s,
+                "startup_s": driver.startup_seconds,
+                **driver.startup_split,
+            }
+            steps = run_steps(driver, args, info, monitor)
+            info["memory"] = peak_memory(driver, monitor)
+            print_table(args, steps, info)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                summary = summarise(steps, info["gpus"])
+                Path(args.out).write_text(
+                    json.dumps({"args": vars(args), "info": info, "steps": steps, "mean": summary})
+                )
+        finally:
+            if monitor is not None:
+                monitor.stop()
+            driver.shutdown()
+            ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)  # the models (7.5 GB for the 3B) and the run folder
+    except Exception:
+        print_actor_errors(logs)  # the actors' own lines: their exceptions reach here as summaries
+        raise
     say("done")
     return 0
 

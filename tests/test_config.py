@@ -74,6 +74,20 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("sft.held_out_fraction=1", r"sft\.held_out_fraction=1\.0: must be in \[0, 1\)"),
         ("data.synth.min_objects=7", r"data\.synth\.min_objects=7 > data\.synth\.max_objects=6"),
         ("serve.policy.autoscale=true", None),  # min 1 <= max 1: fine
+        (
+            f"rollout.sampling.stop_token_ids={list(range(129))}",  # no minimum length: any number
+            None,
+        ),
+        (
+            f"rollout.sampling={{min_new_tokens: 1, stop_token_ids: {list(range(129))}}}",
+            r"stop_token_ids has 129 ids with rollout\.sampling\.min_new_tokens=1: vLLM's GPU model runner "
+            r"holds at most 128",
+        ),
+        (f"rollout.sampling.allowed_token_ids={list(range(1025))}", r"allowed_token_ids has 1025 ids"),
+        (
+            "rollout.sampling={allowed_token_ids: [1, 2], stop_token_ids: [3]}",
+            r"stop_token_ids must be among rollout\.sampling\.allowed_token_ids",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -161,6 +161,22 @@ def test_stop_strings_and_max_tokens_are_honoured(pool):
     assert any(r.finish_reason == "length" for g in out for r in g)
 
 
+def test_allowed_and_stop_token_ids_with_a_minimum_length_shape_the_responses(pool):
+    """grpo_step.py's realistic lengths: sampling within allowed ids, no response ends before the minimum, each
+    that stops early ends on a stop id (the vLLM GPU runner's limits are checked on loading, test_config)."""
+    allowed = list(range(300, 360))
+    stop = allowed[::10]  # 6 of 60: each token ends a response with probability ~1/10
+    sampling = SamplingConfig(
+        max_new_tokens=40, min_new_tokens=5, allowed_token_ids=allowed, stop_token_ids=stop
+    )
+    out = [r for g in pool.generate(groups(2), sampling, n=8) for r in g]
+    assert all(set(r.token_ids) <= set(allowed) and len(r.token_ids) >= 5 for r in out)
+    stopped = [r for r in out if r.finish_reason == "stop"]
+    assert len(stopped) >= len(out) // 2
+    assert all(r.token_ids[-1] in stop and not set(r.token_ids[:-1]) & set(stop) for r in stopped)
+    assert len({len(r.token_ids) for r in out}) > 3  # uneven
+
+
 def _state(model: torch.nn.Module, **replace: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     return [(name, replace.get(name, tensor)) for name, tensor in model.state_dict().items()]
 

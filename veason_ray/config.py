@@ -190,6 +190,14 @@ class SamplingConfig:
     # token ids that end a response (beside the model's EOS), and the tokens a response has before any may
     stop_token_ids: list[int] = field(default_factory=list)
     min_new_tokens: int = field(default=0, metadata=ge(0))
+    # sample only among these token ids (empty = the whole vocabulary)
+    allowed_token_ids: list[int] = field(default_factory=list)
+
+
+# what vLLM's GPU model runner (V2, the default for Qwen2.5-VL) keeps per request: more raises in its worker and
+# kills the engine, so loading a config checks them
+VLLM_MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS = 128
+VLLM_MAX_ALLOWED_TOKEN_IDS = 1024
 
 
 @dataclass

@@ -16,7 +16,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from veason_ray.config import VeasonConfig
+from veason_ray.config import (
+    VLLM_MAX_ALLOWED_TOKEN_IDS,
+    VLLM_MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS,
+    SamplingConfig,
+    VeasonConfig,
+)
 
 BASE_KEY = "_base_"
 # (section, field) pairs that hold credentials; never written or printed in the clear.
@@ -45,6 +50,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def check_sampling(sampling: SamplingConfig) -> None:
+    """rollout.sampling against what vLLM's GPU model runner takes per request (config.py says the limits)."""
+    stops = len(sampling.stop_token_ids)
+    if sampling.min_new_tokens > 0 and stops > VLLM_MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS:
+        raise ConfigError(
+            f"rollout.sampling.stop_token_ids has {stops} ids with rollout.sampling.min_new_tokens="
+            f"{sampling.min_new_tokens}: vLLM's GPU model runner holds at most "
+            f"{VLLM_MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS} stop ids when a minimum length is set; give fewer ids "
+            "(rollout.sampling.allowed_token_ids narrows what is sampled, so few ids can stop often) or set "
+            "min_new_tokens=0"
+        )
+    allowed = len(sampling.allowed_token_ids)
+    if allowed > VLLM_MAX_ALLOWED_TOKEN_IDS:
+        raise ConfigError(
+            f"rollout.sampling.allowed_token_ids has {allowed} ids: vLLM's GPU model runner holds at most "
+            f"{VLLM_MAX_ALLOWED_TOKEN_IDS}; give fewer or none (empty = the whole vocabulary)"
+        )
+    if (
+        allowed
+        and sampling.stop_token_ids
+        and not set(sampling.stop_token_ids) <= set(sampling.allowed_token_ids)
+    ):
+        raise ConfigError(
+            "rollout.sampling.stop_token_ids must be among rollout.sampling.allowed_token_ids (the others are "
+            "never sampled, so they would never stop a response)"
+        )
+
+
 def check_relations(cfg: VeasonConfig) -> None:
     """Values that are each in range but cannot go together (ranges are checked field by field on loading), and
     reward.weights' names against the registered reward terms."""
@@ -54,6 +87,7 @@ def check_relations(cfg: VeasonConfig) -> None:
         reward_weights(cfg.reward.weights)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check_sampling(cfg.rollout.sampling)
     synth = cfg.data.synth
     if synth.min_objects > synth.max_objects:
         raise ConfigError(
