@@ -123,6 +123,8 @@ class LearnerWorker:
         )
         if self.on_gpu:
             torch.cuda.set_device(0)
+        phases = {}  # seconds of each part, for the driver's start-up split
+        mark = time.perf_counter()
         deepspeed.init_distributed(
             dist_backend="nccl" if self.on_gpu else "gloo",
             auto_mpi_discovery=False,
@@ -132,11 +134,14 @@ class LearnerWorker:
             verbose=False,
         )
         learner = self.cfg.learner
+        phases["process_group_s"], mark = time.perf_counter() - mark, time.perf_counter()
         self.engine = build_engine(self._policy, learner, self.on_gpu)
+        phases["engine_s"], mark = time.perf_counter() - mark, time.perf_counter()
         device = next(self.engine.module.parameters()).device
         reference = self._reference
         if isinstance(reference, torch.nn.Module):
             reference = reference.to(device)
+        phases["reference_s"] = time.perf_counter() - mark
         self._policy = self._reference = None  # the engine and the updater hold them now
         tokenizer = self.processor.tokenizer
         forbidden = vision_token_ids(tokenizer)
@@ -151,7 +156,8 @@ class LearnerWorker:
             timeout_s=self.cfg.rollout.weight_sync_timeout_s,
         )
         trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
-        return {"rank": self.rank, "seconds": time.perf_counter() - start, "trainable_params": trainable}
+        seconds = time.perf_counter() - start
+        return {"rank": self.rank, "seconds": seconds, "trainable_params": trainable, **phases}
 
     # ---- batches ----
 

@@ -294,7 +294,9 @@ def print_table(args: argparse.Namespace, steps: list[dict[str, float]], info: d
     print(
         f"setup: models written {info['write_s']:.0f} s, driver start {info['startup_s']:.0f} s (engines up at "
         f"{info['engines_up_s']:.0f} s; learner: models read {info['learner_load_s']:.0f} s beside them, then "
-        f"{info['learner_device_s']:.0f} s on its GPU), warm-up step "
+        f"{info['learner_device_s']:.0f} s on its GPU: process group {info['learner_process_group_s']:.0f} s, "
+        f"DeepSpeed engine {info['learner_engine_s']:.0f} s, reference {info['learner_reference_s']:.0f} s), "
+        "warm-up step "
         f"({args.warmup_prompts} prompts, untimed) {info['warmup_s']:.0f} s"
     )
     width = 50
@@ -338,6 +340,9 @@ STARTUP_PARTS = (
     ("    of it: vLLM's own start in the engine", "vllm_start_s"),
     ("  learner: models read into CPU memory (beside the engines)", "learner_load_s"),
     ("  learner: on its GPU (beside the reward pool)", "learner_device_s"),
+    ("    of it: process group", "learner_process_group_s"),
+    ("    of it: DeepSpeed engine (policy to the GPU, optimizer states)", "learner_engine_s"),
+    ("    of it: reference to the GPU", "learner_reference_s"),
 )
 
 

@@ -164,6 +164,12 @@ class GRPODriver:
             "learner_load_s": self.learner.load_seconds,  # CPU, beside the engines' start
             "engines_up_s": engines_up,
             "learner_device_s": max(i["seconds"] for i in self.learner.setup_info),
+            # of it, the slowest rank's: the process group; the DeepSpeed engine (the policy to the GPU, the
+            # optimizer's states); the reference to the GPU
+            **{
+                f"learner_{k}": max(i[k] for i in self.learner.setup_info)
+                for k in ("process_group_s", "engine_s", "reference_s")
+            },
             "learner_ready_s": self.learner.setup_seconds,  # since its actors were created
         }
         log.info(
