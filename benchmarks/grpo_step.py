@@ -457,37 +457,38 @@ def main() -> int:
     )
     logs = WorkerLogs(Path(context.address_info["session_dir"]) / "logs")
     logs.mark()
+    driver = None
     try:
         say("starting the driver: placement, learner, rollout engine, SAM2 reward pool")
         driver = GRPODriver(cfg, run_outputs(cfg))
-        try:
-            say(f"driver ready in {driver.startup_seconds:.0f} s ({driver.placement.description})")
-            info = {
-                "device": monitor.name if monitor and monitor.available else "CPU (logical GPU)",
-                "gpus": driver.gpus,
-                "placement": driver.placement.description,
-                "write_s": write_s,
-                "startup_s": driver.startup_seconds,
-                **driver.startup_split,
-            }
-            steps = run_steps(driver, args, info, monitor)
-            info["memory"] = peak_memory(driver, monitor)
-            print_table(args, steps, info)
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                summary = summarise(steps, info["gpus"])
-                Path(args.out).write_text(
-                    json.dumps({"args": vars(args), "info": info, "steps": steps, "mean": summary})
-                )
-        finally:
-            if monitor is not None:
-                monitor.stop()
-            driver.shutdown()
-            ray.shutdown()
-            shutil.rmtree(work, ignore_errors=True)  # the models (7.5 GB for the 3B) and the run folder
+        say(f"driver ready in {driver.startup_seconds:.0f} s ({driver.placement.description})")
+        info = {
+            "device": monitor.name if monitor and monitor.available else "CPU (logical GPU)",
+            "gpus": driver.gpus,
+            "placement": driver.placement.description,
+            "write_s": write_s,
+            "startup_s": driver.startup_seconds,
+            **driver.startup_split,
+        }
+        steps = run_steps(driver, args, info, monitor)
+        info["memory"] = peak_memory(driver, monitor)
+        print_table(args, steps, info)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            summary = summarise(steps, info["gpus"])
+            Path(args.out).write_text(
+                json.dumps({"args": vars(args), "info": info, "steps": steps, "mean": summary})
+            )
     except Exception:
         print_actor_errors(logs)  # the actors' own lines: their exceptions reach here as summaries
         raise
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if driver is not None:
+            driver.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the models (7.5 GB for the 3B) and the run folder
     say("done")
     return 0
 
