@@ -108,6 +108,7 @@ class LearnerWorker:
         import deepspeed
         import torch
 
+        from veason_ray.cpu_torch_workarounds import skip_deepspeed_shm_build
         from veason_ray.training.deepspeed_engine import build_engine
         from veason_ray.training.grpo_update import GRPOUpdater
         from veason_ray.training.sequences import vision_token_ids
@@ -125,6 +126,7 @@ class LearnerWorker:
             torch.cuda.set_device(0)
         phases = {}  # seconds of each part, for the driver's start-up split
         mark = time.perf_counter()
+        skip_deepspeed_shm_build()
         deepspeed.init_distributed(
             dist_backend="nccl" if self.on_gpu else "gloo",
             auto_mpi_discovery=False,

@@ -56,6 +56,7 @@ from actors.engine_health import (
 )
 from actors.weight_sync.choice import receiver_class
 from veason_ray.config import InferenceConfig, RolloutConfig, SamplingConfig, StorageConfig
+from veason_ray.config_loading import check_sampling_vocabulary
 from veason_ray.cpu_torch_workarounds import torch_threads_settable
 from veason_ray.inference import AnswerGenerator, PolicyInput
 from veason_ray.prompts import answer_regex
@@ -286,7 +287,7 @@ class RolloutEngine:
 
         self.on_gpu = torch.cuda.is_available()
         apply_engine_env(cfg, self.on_gpu)
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         model_dir = str(resolve_model_dir(model_dir, storage, cache_dir))
 
@@ -298,10 +299,12 @@ class RolloutEngine:
         # held while vLLM generates: `abort_engine` (another thread) must not shut an in-process core down then
         self._generating = threading.Lock()
         self._hang_s, self._unhang = hang_first_generate_s, threading.Event()
-        self._start_engine()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         tokenizer = self.processor.tokenizer
         self.vision_token_ids = vision_token_ids(tokenizer)
+        text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        check_sampling_vocabulary(cfg.sampling, len(tokenizer), text_config.vocab_size)  # before a long start
+        self._start_engine()
 
     def _start_engine(self) -> None:
         """Build vLLM's `LLM` (the actor's first, or a restart's) with fresh per-engine state: weight version 0

@@ -71,7 +71,6 @@ from veason_ray.records import PromptGroup  # noqa: E402
 EASYR1_TOKENS_PER_S_PER_GPU = 1800.0  # EasyR1's published Qwen2.5-VL-3B GRPO throughput on H100
 GOAL_TOKENS_PER_S_PER_GPU = 3600.0  # issue 8: >= 2x EasyR1
 BASE_CONFIG = "configs/qwen2.5vl-3b-1gpu.yaml"
-FIRST_SPECIAL_TOKEN = 151643  # Qwen2.5's <|endoftext|>: the stop ids are drawn from the text tokens below it
 T0 = time.perf_counter()
 
 
@@ -162,11 +161,14 @@ def realistic_length_overrides(args: argparse.Namespace, policy: Path) -> list[s
     and 1 / mean-extra of those made stop ids (drawn with a fixed seed), so a near-uniform random policy stops
     after a geometric number of tokens. Within vLLM's per-request limits (`check_sampling`). With --tiny,
     scaled to its 16 new tokens."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     minimum, extra = (4, 6) if args.tiny else (REALISTIC_MIN_TOKENS, REALISTIC_MEAN_EXTRA_TOKENS)
-    vocab = AutoConfig.from_pretrained(policy).text_config.vocab_size
-    text_ids = np.arange(min(1000, vocab // 4), min(vocab, FIRST_SPECIAL_TOKEN))
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    # below both the tokenizer's length and the model's vocabulary (the random 3B carries the tiny tokenizer)
+    vocab = min(len(tokenizer), AutoConfig.from_pretrained(policy).get_text_config().vocab_size)
+    added = list(tokenizer.added_tokens_decoder)  # <|endoftext|>, <|im_start|>, the vision tokens, ...
+    text_ids = np.setdiff1d(np.arange(min(1000, vocab // 4), vocab), added + tokenizer.all_special_ids)
     rng = np.random.default_rng(0)
     allowed = rng.choice(text_ids, size=min(len(text_ids), VLLM_MAX_ALLOWED_TOKEN_IDS), replace=False)
     stop = rng.choice(allowed, size=max(1, round(len(allowed) / extra)), replace=False)

@@ -25,7 +25,9 @@ What cannot be equal, and why:
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
 - Memory: verl's offload brings fp32 parameters, gradients and Adam states (60 GB at 3.75 B parameters) onto the
   GPU for the update and out again for generation; ours is ZeRO-2 with the optimizer in CPU memory. Update
-  micro-batches of 2 sequences (`--micro-batch`) fit beside that (ours: 8).
+  micro-batches of 2 sequences (`--micro-batch`) fit beside that (ours: 8), and log-prob micro-batches of 2
+  (`--logprob-micro-batch`): at 8, verl's old log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936
+  (16.6 GiB) with 69 GiB held and ran out of memory on an H100 (2026-12-06).
 
     python3 benchmarks/peer_grpo_step.py --dry-run                   # here, CPU: dataset, reward file, command
     python3 benchmarks/peer_grpo_step.py --dry-run --verl-site DIR   # + verl's validated config and its own
@@ -341,7 +343,12 @@ def parse_args() -> argparse.Namespace:
     for name, default in (("prompts", 16), ("n", 8), ("frames", 6), ("size", 560), ("max-new-tokens", 1024)):
         add(f"--{name}", type=int, default=default, help="the work, as benchmarks/grpo_step.py's")
     add("--micro-batch", type=int, default=2, help="sequences per update micro-batch")
-    add("--logprob-micro-batch", type=int, default=8, help="sequences per log-prob micro-batch")
+    add(
+        "--logprob-micro-batch",
+        type=int,
+        default=2,
+        help="sequences per log-prob micro-batch (8: out of memory)",
+    )
     add("--gpu-memory-utilization", type=float, default=0.25, help="vLLM's share (ours: 0.25)")
     add("--trainer", choices=("v0", "v1"), default="v0", help="v0: RayPPOTrainer; v1: TransferQueue's")
     add("--bypass-old-logprob", action="store_true", help="old log-probs from the rollout, as ours")

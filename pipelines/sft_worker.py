@@ -25,6 +25,7 @@ from pipelines.console import say
 from pipelines.sft import METRICS_FILE
 from veason_ray.config import VeasonConfig
 from veason_ray.cot.records import load_sft_example
+from veason_ray.cpu_torch_workarounds import skip_deepspeed_shm_build
 from veason_ray.training.sft import (
     FormatScore,
     empty_like,
@@ -232,6 +233,7 @@ def train_loop(params: dict[str, Any]) -> None:
     on_gpu = torch.cuda.is_available() and cfg.learner.gpus_per_worker > 0
     if on_gpu:
         torch.cuda.set_device(ray.train.torch.get_device())
+    skip_deepspeed_shm_build()
     deepspeed.init_distributed(
         dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False
     )

@@ -36,6 +36,7 @@ from ray.exceptions import RayTaskError  # noqa: E402
 
 from actors.engine_health import RolloutEngineDead, engine_death  # noqa: E402
 from actors.rollout import (  # noqa: E402
+    RolloutEngine,
     RolloutEngineError,
     engine_env,
     rollout_sampling_params,
@@ -44,6 +45,7 @@ from actors.rollout import (  # noqa: E402
 from actors.rollout_pool import RolloutPool  # noqa: E402
 from actors.weight_sync import ReloadTransport  # noqa: E402
 from veason_ray.config import RolloutConfig, SamplingConfig  # noqa: E402
+from veason_ray.config_loading import ConfigError  # noqa: E402
 from veason_ray.records import PromptGroup  # noqa: E402
 from veason_ray.training.sequences import VISION_TOKENS  # noqa: E402
 from veason_ray.weight_transport import checksum_weights  # noqa: E402
@@ -175,6 +177,23 @@ def test_allowed_and_stop_token_ids_with_a_minimum_length_shape_the_responses(po
     assert len(stopped) >= len(out) // 2
     assert all(r.token_ids[-1] in stop and not set(r.token_ids[:-1]) & set(stop) for r in stopped)
     assert len({len(r.token_ids) for r in out}) > 3  # uneven
+
+
+def test_token_ids_outside_the_tokenizer_fail_before_vllm_starts(tiny_model):
+    """vLLM 0.26 rejects allowed ids at or above the tokenizer's length only at the first request (on a GPU,
+    minutes after the start; a random 3B with the tiny tokenizer met it): the engine checks before vLLM starts."""
+    from transformers import AutoTokenizer
+
+    model_dir, _ = tiny_model
+    size = len(AutoTokenizer.from_pretrained(model_dir))
+    cfg = RolloutConfig(sampling=SamplingConfig(allowed_token_ids=[5, size - 1, size + 3]))
+    with pytest.raises(
+        ConfigError, match=rf"allowed_token_ids holds 1 id\(s\) .*tokenizer {size} tokens.*\[{size + 3}\]"
+    ):
+        RolloutEngine(str(model_dir), cfg, dtype="float32")
+    cfg = RolloutConfig(sampling=SamplingConfig(stop_token_ids=[-1]))
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.stop_token_ids holds 1 id"):
+        RolloutEngine(str(model_dir), cfg, dtype="float32")
 
 
 def _state(model: torch.nn.Module, **replace: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -78,6 +78,21 @@ def check_sampling(sampling: SamplingConfig) -> None:
         )
 
 
+def check_sampling_vocabulary(sampling: SamplingConfig, tokenizer_size: int, model_vocab_size: int) -> None:
+    """rollout.sampling's token ids against the policy's tokenizer and model (an engine checks this before vLLM
+    starts): vLLM 0.26 rejects allowed ids at or above the tokenizer's length, later versions at or above the
+    model's vocabulary, and either way only when the first request comes."""
+    bound = min(tokenizer_size, model_vocab_size)
+    for key in ("allowed_token_ids", "stop_token_ids"):
+        outside = sorted(i for i in getattr(sampling, key) if not 0 <= i < bound)
+        if outside:
+            raise ConfigError(
+                f"rollout.sampling.{key} holds {len(outside)} id(s) outside this policy's vocabulary "
+                f"(tokenizer {tokenizer_size} tokens, model {model_vocab_size}), e.g. {outside[:5]}: give ids "
+                f"below {bound}"
+            )
+
+
 def check_relations(cfg: VeasonConfig) -> None:
     """Values that are each in range but cannot go together (ranges are checked field by field on loading), and
     reward.weights' names against the registered reward terms."""

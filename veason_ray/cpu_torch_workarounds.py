@@ -14,6 +14,10 @@ backend doesn't allow to use `torch.set_num_threads` after the thread binding, s
 in the caller's process, vLLM's own multimodal processor then calls it twice per request. Without a thread
 binding (VLLM_CPU_OMP_THREADS_BIND=nobind, our CPU setting) the stub guards nothing: `torch_threads_settable`
 puts torch's function back right after the worker has replaced it.
+
+DeepSpeed's CPU accelerator compiles its shared-memory collective (`deepspeed_shm_comm`, ~40 s of C++ on a machine
+without a cached build) whenever `deepspeed.init_distributed` makes its backend, for `inference_all_reduce` alone,
+which training never calls: `skip_deepspeed_shm_build` marks it unavailable on CPU torch.
 """
 
 from __future__ import annotations
@@ -119,3 +123,14 @@ def torch_threads_settable() -> Iterator[None]:
     finally:
         cpu_worker.init_worker_distributed_environment = init_distributed
         torch.set_num_threads = setter
+
+
+def skip_deepspeed_shm_build() -> None:
+    """Before `deepspeed.init_distributed`: on a CPU accelerator, DeepSpeed skips building its shared-memory
+    collective (only its `inference_all_reduce` uses it; all_reduce and the rest go through torch.distributed);
+    on a GPU nothing changes."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
