@@ -16,9 +16,10 @@ EasyR1's published 1,800 tokens/s/GPU for Qwen2.5-VL-3B on an H100 and this proj
 Random weights never emit EOS, so every response runs to `--max-new-tokens` (a trained policy stops at 100-400
 tokens, unevenly). `--lengths realistic` gives them such a spread: no response stops before 100 tokens
 (`rollout.sampling.min_new_tokens`), then each sampled token ends it with probability ~1/150 (sampling is
-narrowed to 1,024 random text tokens, `rollout.sampling.allowed_token_ids`, 7 of which are
-`rollout.sampling.stop_token_ids`; random weights sample near uniformly; vLLM's GPU model runner takes at most
-128 stop ids beside a minimum length and 1,024 allowed ids, so a bare 1/150 of the vocabulary cannot stop), so
+narrowed to at most 1,024 random text tokens of the policy's tokenizer, `rollout.sampling.allowed_token_ids`,
+1 in ~150 of which are `rollout.sampling.stop_token_ids`; random weights sample near uniformly; vLLM's GPU model
+runner takes at most 128 stop ids beside a minimum length and 1,024 allowed ids, so a bare 1/150 of the vocabulary
+cannot stop, and vLLM 0.26 takes allowed ids below the tokenizer's length only), so
 lengths are 100 + geometric (mean ~250, 90% under ~450, a few cut at `--max-new-tokens`). The table prints the
 lengths the step really had. With it, `learner.micro_batch_tokens=N` (packed micro-batches) against the default
 (padded) is the comparison of issue 27 item 2. Their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
