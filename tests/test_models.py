@@ -95,6 +95,36 @@ def test_cpu_workarounds_make_torchvision_importable():
     assert first == (torch.version.cuda is None)
 
 
+_SHM_SCRIPT = textwrap.dedent(
+    """
+    import os, deepspeed, torch, torch.distributed as dist
+    from actors.network import free_port
+    from veason_ray.cpu_torch_workarounds import skip_deepspeed_shm_build
+    skip_deepspeed_shm_build()
+    port = free_port()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
+                               rank=0, world_size=1, verbose=False)
+    x = torch.ones(3)
+    dist.all_reduce(x)
+    print(x.tolist())
+    """
+)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="DeepSpeed builds the shm collective on CPU only")
+def test_deepspeed_process_group_on_cpu_builds_no_extension(tmp_path):
+    """DeepSpeed's CPU accelerator would compile its shared-memory collective (~40 s of C++) into
+    TORCH_EXTENSIONS_DIR at `init_distributed`; skipped, nothing is built and collectives still work."""
+    extensions = tmp_path / "torch_extensions"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _SHM_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1.0, 1.0, 1.0]"
+    assert "built successfully" not in result.stdout and not extensions.exists()
+
+
 def test_tiny_qwen_is_deterministic_in_its_seed(tiny_dir, tmp_path):
     reference = tiny_dir / "qwen2_5_vl_tiny"
     same = write_tiny_qwen(tmp_path / "same", seed=0)
