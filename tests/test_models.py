@@ -97,7 +97,7 @@ def test_cpu_workarounds_make_torchvision_importable():
 
 _SHM_SCRIPT = textwrap.dedent(
     """
-    import os, deepspeed, torch, torch.distributed as dist
+    import deepspeed, torch, torch.distributed as dist
     from actors.network import free_port
     from veason_ray.cpu_torch_workarounds import skip_deepspeed_shm_build
     skip_deepspeed_shm_build()
