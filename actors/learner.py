@@ -95,7 +95,7 @@ class LearnerWorker:
                 self._reference = load_frozen_policy(
                     reference_dir, learner.bf16, torch.device("cpu"), attn, learner.fused_elementwise
                 )
-        if learner.micro_batch_tokens > 0:
+        if learner.micro_batch_tokens > 0 or learner.attention_bucket_tokens > 0:
             for model in (self._policy, self._reference):
                 if isinstance(model, torch.nn.Module):
                     enable_packed_attention(model)

@@ -55,6 +55,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_D
     os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from benchmarks.rollout import (  # noqa: E402
@@ -80,19 +81,21 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {message}", flush=True)
 
 
-class GPUMemoryMonitor:
-    """Peak memory used on GPU 0 by all processes (vLLM, learner, SAM2), sampled from nvidia-smi in a thread;
-    the driver process itself never touches CUDA."""
+class MemoryMonitor:
+    """Peak memory used, sampled in a thread: on GPU 0 by all processes (vLLM, learner, SAM2), from nvidia-smi;
+    on the node by all processes (RAM in use, psutil), where an offloading learner keeps its optimizer. The driver
+    process itself never touches CUDA."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.name, self.total_mib, self.peak_mib = "", 0.0, 0.0
+        self.host_total_gib, self.host_peak_gib = psutil.virtual_memory().total / 2**30, 0.0
         self._stop = threading.Event()
         self.available = shutil.which("nvidia-smi") is not None and self._sample()
-        if self.available:
-            threading.Thread(target=self._run, name="gpu-memory", daemon=True).start()
+        threading.Thread(target=self._run, name="memory", daemon=True).start()
 
     def _sample(self) -> bool:
+        self.host_peak_gib = max(self.host_peak_gib, host_used_gib())
         try:
             out = subprocess.run(
                 ["nvidia-smi", "-i", "0", "--query-gpu=name,memory.used,memory.total",
@@ -108,13 +111,25 @@ class GPUMemoryMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            if self.available:
+                self._sample()
+            else:
+                self.host_peak_gib = max(self.host_peak_gib, host_used_gib())
 
     def reset(self) -> None:
-        self.peak_mib = 0.0
+        self.peak_mib, self.host_peak_gib = 0.0, 0.0
+
+    def host(self) -> str:
+        return f"{self.host_peak_gib:.1f} GiB of {self.host_total_gib:.0f} in use on the node (all processes)"
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def host_used_gib() -> float:
+    """RAM in use on the node: total minus available (page cache that can be dropped is not counted)."""
+    memory = psutil.virtual_memory()
+    return (memory.total - memory.available) / 2**30
 
 
 def build_config(args: argparse.Namespace, policy: Path, sam2: Path, run_dir: Path) -> VeasonConfig:
@@ -224,7 +239,7 @@ STAGES = (
 
 
 def run_steps(
-    driver: GRPODriver, args: argparse.Namespace, info: dict, monitor: GPUMemoryMonitor | None
+    driver: GRPODriver, args: argparse.Namespace, info: dict, monitor: MemoryMonitor | None
 ) -> list[dict[str, float]]:
     """The untimed warm-up step, then up to `args.steps` timed steps (the driver's metrics of each); a step
     that would end past `--budget-s` (judged by the last one) is skipped."""
@@ -250,7 +265,7 @@ def run_steps(
     return steps
 
 
-def peak_memory(driver: GRPODriver, monitor: GPUMemoryMonitor | None) -> str:
+def peak_memory(driver: GRPODriver, monitor: MemoryMonitor | None) -> str:
     """Peak GPU memory over the timed steps: the whole device (every process), and the learner rank's torch."""
     parts = []
     if monitor is not None and monitor.available:
@@ -259,6 +274,11 @@ def peak_memory(driver: GRPODriver, monitor: GPUMemoryMonitor | None) -> str:
     if learner:
         parts.append(f"learner rank {learner['peak_allocated_gib']:.1f} GiB allocated by torch")
     return "; ".join(parts) or "not measured (no GPU)"
+
+
+def peak_host_memory(monitor: MemoryMonitor | None) -> str:
+    """Peak RAM in use on the node over the timed steps."""
+    return monitor.host() if monitor is not None else "not measured"
 
 
 def learner_parts(metrics: dict[str, float]) -> dict[str, float]:
@@ -326,7 +346,7 @@ def print_table(args: argparse.Namespace, steps: list[dict[str, float]], info: d
     last = steps[-1]
     memory = info["memory"]
     print(
-        f"peak GPU memory: {memory}\n"
+        f"peak GPU memory: {memory}\npeak host memory: {info.get('host_memory', 'not measured')}\n"
         f"responses ({args.lengths} lengths): mean length {last['response/length_mean']:.0f} tokens, longest "
         f"{last['response/length_max']:.0f}, {last['response/truncated']:.0%} cut at {args.max_new_tokens}\n"
         f"rewards: parse rate {last['reward/parse_rate']:.0%}, mean total {last['reward/total']:.3f} (answers of random "
@@ -451,7 +471,7 @@ def main() -> int:
         return measure_startups(args, policy, sam2, work)
     cfg = build_config(args, policy, sam2, work / "run")
     save_config(cfg, work / "run" / "config.yaml")
-    monitor = GPUMemoryMonitor() if not args.tiny else None
+    monitor = MemoryMonitor() if not args.tiny else None
     context = ray.init(
         num_cpus=cfg.placement.num_cpus or None,
         num_gpus=cfg.placement.num_gpus or None,
@@ -475,6 +495,7 @@ def main() -> int:
         }
         steps = run_steps(driver, args, info, monitor)
         info["memory"] = peak_memory(driver, monitor)
+        info["host_memory"] = peak_host_memory(monitor)
         print_table(args, steps, info)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,27 @@
 """Padded against packed micro-batches on one GPU: the same sequences through the policy's forward and backward
-both ways (`learner.micro_batch_tokens` 0 vs > 0), side by side in one process: seconds, tokens fed, peak memory,
-and how far the packed log-probs and entropies are from the padded ones (bf16 on the GPU; the CPU tests hold them
-equal to 1e-5 in float32: tests/test_policy_forward.py).
+both ways (`learner.micro_batch_tokens` 0 vs > 0), each also with its attention bucketed
+(`learner.attention_bucket_tokens`: lengths rounded up, causal, no padding mask), side by side in one process:
+seconds, tokens fed, peak memory, and how far each layout's log-probs and entropies are from the exact padded
+ones (bf16 on the GPU; the CPU tests hold them equal to 1e-5 in float32: tests/test_policy_forward.py).
 
 Default (GPU): a random-init Qwen2.5-VL with the 3B shapes (`benchmarks/rollout.py`'s writer, or `--model DIR`
 where it is written if missing), bf16, gradient checkpointing, as the learner loads it; `--groups` GRPO groups of
 n = 8 responses of the realistic spread (100 + geometric, mean ~250, capped at `--max-new-tokens`) to a prompt of
 6 frames at 560x560 (~2,600 tokens). Padded: one micro-batch per group (the 1-GPU config's micro_batch_size=8).
 Packed: the groups packed by `--micro-batch-tokens`. Each layout: one untimed pass, then `--repeats` timed ones.
+Every pass draws new response lengths (the same for every layout), as training's steps do: an attention kernel
+that plans per shape (PyTorch's cuDNN attention) pays for it in each pass, as it does in training.
+`--same-lengths` repeats the first pass's sequences instead (what a warm-up then hides). `--backends` runs every
+layout under each of PyTorch's SDPA backends named (auto: PyTorch's own choice).
 
-    python benchmarks/packed_microbatch.py                       # GPU, 3B shapes
-    python benchmarks/packed_microbatch.py --tiny                # CPU check: tiny model
+    python benchmarks/packed_microbatch.py --backends auto,flash   # GPU, 3B shapes
+    python benchmarks/packed_microbatch.py --tiny                  # CPU check: tiny model
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -35,6 +41,7 @@ from veason_ray.training.deepspeed_engine import load_trainable_policy  # noqa: 
 from veason_ray.training.packed_attention import enable_packed_attention  # noqa: E402
 from veason_ray.training.policy_forward import response_logprobs  # noqa: E402
 from veason_ray.training.sequences import (  # noqa: E402
+    EncodedPrompt,
     PolicySequence,
     collate,
     encode_prompt,
@@ -47,30 +54,52 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_sequences(processor, args: argparse.Namespace) -> list[PolicySequence]:
-    rng = np.random.default_rng(0)
+def build_prompts(processor, args: argparse.Namespace) -> list[EncodedPrompt]:
+    return [
+        encode_prompt(processor, g.sample.messages())
+        for g in make_groups(args.groups, args.frames, args.size)
+    ]
+
+
+def draw_sequences(prompts: list[EncodedPrompt], processor, args: argparse.Namespace, seed: int):
+    """n responses of random tokens and realistic lengths to each prompt (the draw of pass `seed`)."""
+    rng = np.random.default_rng(seed)
     vocab = min(processor.tokenizer.vocab_size, 150000)
     sequences = []
-    for group in make_groups(args.groups, args.frames, args.size):
-        prompt = encode_prompt(processor, group.sample.messages())
+    for prompt in prompts:
         for length in realistic_lengths(rng, args.n, args.max_new_tokens):
             response = torch.as_tensor(rng.integers(100, vocab, length), dtype=torch.long)
             sequences.append(PolicySequence(prompt, response, advantage=float(rng.standard_normal())))
     return sequences
 
 
-def run_layout(model, chunks, packed: bool, device, repeats: int) -> dict:
-    """Forward + backward of every chunk (loss: sum of log-probs and entropies over loss tokens), timed; the
+def sdpa_backend(name: str):
+    """A context running SDPA on one backend (`auto`: PyTorch's priority order)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, f"{name.upper()}_ATTENTION" if name != "math" else "MATH")])
+
+
+def run_layout(model, passes, layout: dict, device, args: argparse.Namespace) -> dict:
+    """Forward + backward of every micro-batch of each pass (loss: sum of log-probs and entropies over loss
+    tokens); the first pass untimed. Returns the median seconds of the timed passes, the tokens fed and the
     log-probs and entropies of the first pass per sequence."""
     seconds, fed, values = [], 0, []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for attempt in range(repeats + 1):
+    for attempt, sequences in enumerate(passes):
+        chunks = (
+            pack_by_tokens(sequences, args.micro_batch_tokens)
+            if layout["packed"]
+            else split_micro_batches(sequences, args.micro_batch_size)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for chunk in chunks:
-            batch = collate(chunk, pad_id=0, packed=packed).to(device)
+            batch = collate(chunk, 0, packed=layout["packed"], attention_bucket=layout["bucket"]).to(device)
             logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=2048)
             ((logprobs + 1e-3 * entropy) * batch.response_mask).sum().backward()
             if attempt == 0:
@@ -85,7 +114,8 @@ def run_layout(model, chunks, packed: bool, device, repeats: int) -> dict:
             seconds.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"seconds": float(np.median(seconds)), "fed": fed, "values": values, "peak_gib": peak}
+    return {"seconds": float(np.median(seconds)), "fed": fed, "values": values, "peak_gib": peak,
+            "micro_batches": len(chunks)}  # fmt: skip
 
 
 def main() -> None:
@@ -102,10 +132,17 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8, help="padded: sequences a micro-batch")
     parser.add_argument("--micro-batch-tokens", type=int, default=32768, help="packed: tokens a micro-batch")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--bucket", type=int, default=256, help="learner.attention_bucket_tokens of the bucketed"
+    )
+    parser.add_argument(
+        "--backends", default="auto", help="comma-separated: auto, cudnn, flash, efficient, math"
+    )
+    parser.add_argument("--same-lengths", action="store_true", help="every pass the first pass's sequences")
     args = parser.parse_args()
     if args.tiny:
-        args.groups, args.n, args.frames, args.size, args.max_new_tokens = 2, 4, 2, 112, 64
-        args.micro_batch_size, args.micro_batch_tokens, args.repeats = 4, 2048, 1
+        args.groups, args.n, args.frames, args.size, args.max_new_tokens = 2, 4, 2, 112, 160
+        args.micro_batch_size, args.micro_batch_tokens, args.repeats, args.bucket = 4, 2048, 1, 32
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
@@ -122,36 +159,45 @@ def main() -> None:
         processor = AutoProcessor.from_pretrained(model_dir)
         cfg = LearnerConfig(bf16=not args.tiny, gradient_checkpointing=True)
         model = load_trainable_policy(str(model_dir), cfg, "sdpa").to(device)
-        enable_packed_attention(model)  # a call without row bounds stays plain SDPA: the padded layout
+        enable_packed_attention(model)  # a call without row bounds stays plain SDPA: the padded layouts
         model.train()
-        sequences = build_sequences(processor, args)
-        lengths = [int(s.response_ids.numel()) for s in sequences]
-        say(f"{len(sequences)} sequences, prompt {len(sequences[0].prompt)} tokens, responses mean "
-            f"{np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)})")  # fmt: skip
-        layouts = {
-            "padded": (split_micro_batches(sequences, args.micro_batch_size), False),
-            "packed": (pack_by_tokens(sequences, args.micro_batch_tokens), True),
-        }
+        prompts = build_prompts(processor, args)
+        draws = 1 if args.same_lengths else args.repeats + 1
+        passes = [draw_sequences(prompts, processor, args, seed) for seed in range(draws)]
+        passes += [passes[0]] * (args.repeats + 1 - draws)
+        lengths = [int(s.response_ids.numel()) for p in passes for s in p]
+        say(f"{len(passes)} passes of {len(passes[0])} sequences, prompt {len(prompts[0])} tokens, responses mean "
+            f"{np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), "
+            f"{'the same' if args.same_lengths else 'new'} lengths each pass")  # fmt: skip
+        layouts = {"padded": {"packed": False, "bucket": 0}, "packed": {"packed": True, "bucket": 0}}
+        if args.bucket > 0:
+            layouts |= {f"padded, bucket {args.bucket}": {"packed": False, "bucket": args.bucket},
+                        f"packed, bucket {args.bucket}": {"packed": True, "bucket": args.bucket}}  # fmt: skip
         rows = {}
-        for name, (chunks, packed) in layouts.items():
-            rows[name] = {
-                "micro_batches": len(chunks),
-                **run_layout(model, chunks, packed, device, args.repeats),
-            }
-            say(f"{name}: {rows[name]['seconds']:.2f} s forward + backward")
-    real = sum(s.num_tokens for s in sequences)
-    base = rows["padded"]
+        for backend in args.backends.split(","):
+            for name, layout in layouts.items():
+                label = f"{name} ({backend})"
+                try:
+                    with sdpa_backend(backend):
+                        rows[label] = run_layout(model, passes, layout, device, args)
+                except RuntimeError as error:  # a backend that cannot run this layout (a mask, a shape)
+                    say(f"{label}: not run: {str(error).splitlines()[0][:160]}")
+                    model.zero_grad(set_to_none=True)
+                    continue
+                say(f"{label}: {rows[label]['seconds']:.2f} s forward + backward")
+    real = sum(s.num_tokens for s in passes[0])
+    base = next(iter(rows.values()))
     print(f"\nPadded vs packed micro-batches, {'tiny' if args.tiny else 'Qwen2.5-VL 3B shapes'} on "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: {len(sequences)} sequences "
-          f"({real:,} real tokens), responses {np.mean(lengths):.0f} mean / {max(lengths)} max")  # fmt: skip
-    print("layout | micro-batches | tokens fed (with padding) | forward + backward s | vs padded | peak GiB | "
-          "logprob diff max / mean | entropy diff max")  # fmt: skip
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: {len(passes[0])} sequences a "
+          f"pass ({real:,} real tokens in the first), responses {np.mean(lengths):.0f} mean / {max(lengths)} max, "
+          f"{'the same' if args.same_lengths else 'new'} lengths each pass; differences against the first row")  # fmt: skip
+    print("layout (SDPA backend) | micro-batches | tokens fed (with padding) | forward + backward s | vs first | "
+          "peak GiB | logprob diff max / mean | entropy diff max")  # fmt: skip
     for name, row in rows.items():
-        lp = max(float((a[0] - b[0]).abs().max()) for a, b in zip(row["values"], base["values"], strict=True))
-        diffs = torch.cat([(a[0] - b[0]).abs() for a, b in zip(row["values"], base["values"], strict=True)])
-        ent = max(
-            float((a[1] - b[1]).abs().max()) for a, b in zip(row["values"], base["values"], strict=True)
-        )
+        pairs = list(zip(row["values"], base["values"], strict=True))
+        lp = max(float((a[0] - b[0]).abs().max()) for a, b in pairs)
+        diffs = torch.cat([(a[0] - b[0]).abs() for a, b in pairs])
+        ent = max(float((a[1] - b[1]).abs().max()) for a, b in pairs)
         print(f"{name} | {row['micro_batches']} | {row['fed']:,} | {row['seconds']:.2f} | "
               f"{base['seconds'] / row['seconds']:.2f}x | {row['peak_gib']:.1f} | {lp:.2e} / {float(diffs.mean()):.2e} | "
               f"{ent:.2e}")  # fmt: skip

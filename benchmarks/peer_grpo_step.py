@@ -7,10 +7,9 @@ benchmarks/rollout.py's writer), 16 prompts x n=8 of `make_groups`' six 560x560 
 pixels, as verl's multimodal dataset: benchmarks/peer_verl_inputs.py), up to 1,024 new tokens, lr 1e-6, KL 5e-3
 low_var_kl (k3) against a reference model, clip 0.2, entropy 1e-3, one optimizer step per step; verl's hybrid
 engine (vLLM colocated, asleep while the learner runs) at our engine's 25% of GPU memory and vLLM batch limits;
-FSDP with the offload of verl's one-GPU 3B recipe (examples/tuning/3b: actor parameters and optimizer, reference
-parameters); a reward file that scores 0. Its first step is the untimed warm-up, then `--steps` timed steps; the
-seconds are verl's own (`timing_s/*` from its file logger). `--trainer v0` (default) is RayPPOTrainer; `v1` is
-0.9.1's default TransferQueue trainer.
+FSDP with the actor's optimizer offloaded (`--offload`); a reward file that scores 0. Its first step is the
+untimed warm-up, then `--steps` timed steps; the seconds are verl's own (`timing_s/*` from its file logger).
+`--trainer v0` (default) is RayPPOTrainer; `v1` is 0.9.1's default TransferQueue trainer.
 
 What cannot be equal, and why:
 - flash-attn: verl's FSDP recipes pack sequences through its varlen kernel (`use_remove_padding`). PyPI has only
@@ -23,11 +22,14 @@ What cannot be equal, and why:
 - Old log-probs: verl recomputes them (`timing_s/old_log_prob`); ours are vLLM's. `--bypass-old-logprob` gives verl
   the rollout's (its `rollout_correction.bypass_mode`).
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
-- Memory: verl's offload brings fp32 parameters, gradients and Adam states (60 GB at 3.75 B parameters) onto the
-  GPU for the update and out again for generation; ours is ZeRO-2 with the optimizer in CPU memory. Update
-  micro-batches of 2 sequences (`--micro-batch`) fit beside that (ours: 8), and log-prob micro-batches of 2
-  (`--logprob-micro-batch`): at 8, verl's old log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936
-  (16.6 GiB) with 69 GiB held and ran out of memory on an H100 (2026-12-06).
+- Memory: `--offload optimizer` (default) keeps the actor's Adam states in CPU memory, its fp32 parameters and
+  gradients and the bf16 reference on the GPU, as ours (ZeRO-2, optimizer offloaded) keeps its states.
+  `--offload recipe` is verl's one-GPU 3B recipe (examples/tuning/3b: actor parameters and optimizer, reference
+  parameters offloaded): on the lent machine (128 GB of RAM) its FSDP worker reached 95 GB in reference
+  log-probs and Ray's memory monitor killed it (2026-12-07). Update micro-batches of 2 sequences
+  (`--micro-batch`; ours: 8) and log-prob micro-batches of 2 (`--logprob-micro-batch`): at 8, verl's old
+  log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936 (16.6 GiB) with 69 GiB held and ran out of
+  memory on an H100 (2026-12-06).
 
     python3 benchmarks/peer_grpo_step.py --dry-run                   # here, CPU: dataset, reward file, command
     python3 benchmarks/peer_grpo_step.py --dry-run --verl-site DIR   # + verl's validated config and its own
@@ -60,7 +62,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.grpo_step import EASYR1_TOKENS_PER_S_PER_GPU, T0, GPUMemoryMonitor, say
+from benchmarks.grpo_step import EASYR1_TOKENS_PER_S_PER_GPU, T0, MemoryMonitor, say
 from benchmarks.peer_verl_inputs import check_with_verl, write_inputs
 from benchmarks.rollout import STARTUP_LOG_MARKERS, write_random_3b_in_child
 
@@ -99,10 +101,11 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
             "optim.lr": 1e-6, "ppo_mini_batch_size": args.prompts, "ppo_epochs": 1, "clip_ratio": 0.2,
             "ppo_micro_batch_size_per_gpu": args.micro_batch, "entropy_coeff": 1e-3,
             "use_kl_loss": True, "kl_loss_coef": 5e-3, "kl_loss_type": "low_var_kl",
-            "fsdp_config.param_offload": True, "fsdp_config.optimizer_offload": True,
+            "fsdp_config.param_offload": args.offload == "recipe", "fsdp_config.optimizer_offload": True,
         },
         "actor_rollout_ref.ref": {
-            "fsdp_config.param_offload": True, "log_prob_micro_batch_size_per_gpu": args.logprob_micro_batch,
+            "fsdp_config.param_offload": args.offload == "recipe",
+            "log_prob_micro_batch_size_per_gpu": args.logprob_micro_batch,
         },
         "actor_rollout_ref.rollout": {
             "name": "vllm", "tensor_model_parallel_size": 1, "n": args.n, "enforce_eager": False,
@@ -204,7 +207,7 @@ class VerlRun:
         self.reader.join(timeout=5)
 
 
-def watch(run: VerlRun, total: int, args: argparse.Namespace, monitor: GPUMemoryMonitor | None) -> list[dict]:
+def watch(run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMonitor | None) -> list[dict]:
     """Each step's record as it appears (with `seen_s`, seconds after launch), until `total` steps, the process
     ends or `--timeout-s`; the memory peak restarts after the warm-up steps."""
     seen: list[dict] = []
@@ -269,6 +272,7 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
         f"vs EasyR1's {EASYR1_TOKENS_PER_S_PER_GPU:,.0f}: {mean['tokens_per_s_per_gpu'] / EASYR1_TOKENS_PER_S_PER_GPU:.2f}x"
         f"; responses: mean {mean['response_length/mean']:.0f} tokens ({mean['response_length/clip_ratio']:.0%} at "
         f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory over the timed steps: {info['memory']}"
+        f"\npeak host memory: {info['host_memory']}"
     )
     for line in info["startup_lines"][:20]:
         print(f"  vLLM start-up: {line}")
@@ -299,7 +303,8 @@ def print_side_by_side(ours_path: Path, mean: dict[str, float], info: dict) -> N
     print(f"{'tokens/s/GPU':<48}{o['tokens_per_s_per_gpu']:>10,.0f}{mean['tokens_per_s_per_gpu']:>10,.0f}"
           f"   ours / verl: {ratio:.2f}x")  # fmt: skip
     print(f"start-up s: ours {ours['info']['startup_s']:.0f}, verl {info['startup_s']:.0f}\n"
-          f"peak GPU memory: ours {ours['info']['memory']}; verl {info['memory']}")  # fmt: skip
+          f"peak GPU memory: ours {ours['info']['memory']}; verl {info['memory']}\n"
+          f"peak host memory: ours {ours['info'].get('host_memory', 'not measured')}; verl {info['host_memory']}")  # fmt: skip
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
@@ -351,6 +356,12 @@ def parse_args() -> argparse.Namespace:
     )
     add("--gpu-memory-utilization", type=float, default=0.25, help="vLLM's share (ours: 0.25)")
     add("--trainer", choices=("v0", "v1"), default="v0", help="v0: RayPPOTrainer; v1: TransferQueue's")
+    add(
+        "--offload",
+        choices=("optimizer", "recipe"),
+        default="optimizer",
+        help="optimizer: the actor's optimizer in CPU memory (as ours); recipe: parameters too (verl's 3B recipe)",
+    )
     add("--bypass-old-logprob", action="store_true", help="old log-probs from the rollout, as ours")
     add("--timeout-s", type=float, default=540, help="stop verl this many s after start (a call: 600)")
     add("--ours", default="", help="benchmarks/grpo_step.py's --out JSON: print the two side by side")
@@ -381,7 +392,7 @@ def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict)
             log.seek(max(0, run.log_path.stat().st_size - 8 * 2**20))
             out.with_suffix(".log").write_bytes(log.read())
     if not timed:
-        say("no timed step finished")
+        say(f"no timed step finished; peak GPU memory {info['memory']}, host {info['host_memory']}")
     return 0 if timed else 1
 
 
@@ -396,7 +407,7 @@ def main() -> int:
         say(f"verl command (in {work}):\n  " + " \\\n    ".join(shlex.quote(c) for c in command))
         if args.dry_run:
             return 0
-        monitor = GPUMemoryMonitor()
+        monitor = MemoryMonitor()
         run = VerlRun(command, dict(os.environ), work)
         try:
             seen = watch(run, args.warmup_steps + args.steps, args, monitor)
@@ -412,6 +423,7 @@ def main() -> int:
             "memory": f"{monitor.peak_mib / 1024:.1f} GiB of {monitor.total_mib / 1024:.0f} on the device"
             if monitor.available
             else "not sampled (no nvidia-smi)",
+            "host_memory": monitor.host(),
             "startup_lines": run.startup_lines,
         }
         return finish(args, run, seen, info)

@@ -63,6 +63,15 @@ def _full_forward_logprobs(model, seq: PolicySequence) -> torch.Tensor:
     return logp.gather(-1, seq.response_ids[:, None]).squeeze(-1)
 
 
+def _step(model, batch, chunk_tokens: int = 4):
+    """Log-probs, entropies and the gradients of a loss on both (the head chunked as the learner's, or plain)."""
+    model.zero_grad()
+    logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=chunk_tokens)
+    ((logprobs + 0.1 * entropy) * batch.response_mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach(), entropy.detach(), grads
+
+
 def test_padded_batch_logprobs_equal_each_sequence_alone(tiny):
     model, processor = tiny
     gen = torch.Generator().manual_seed(0)
@@ -107,15 +116,8 @@ def test_packed_batch_equals_the_padded_batch_in_logprobs_and_gradients(tiny):
     assert packed.tokens == padded.tokens and packed.row_bounds[-1] == packed.input_ids.shape[1]
     assert padded.input_ids.numel() > packed.input_ids.numel()  # the padding that packing saves
 
-    def run(batch):
-        model.zero_grad()
-        logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=4)
-        ((logprobs + 0.1 * entropy) * batch.response_mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return logprobs.detach(), entropy.detach(), grads
-
-    lp_pad, ent_pad, grad_pad = run(padded)
-    lp_pack, ent_pack, grad_pack = run(packed)
+    lp_pad, ent_pad, grad_pad = _step(model, padded)
+    lp_pack, ent_pack, grad_pack = _step(model, packed)
     mask = padded.response_mask.bool()
     assert torch.allclose(lp_pack[mask], lp_pad[mask], atol=1e-5)
     assert torch.allclose(ent_pack[mask], ent_pad[mask], atol=1e-5)
@@ -125,6 +127,60 @@ def test_packed_batch_equals_the_padded_batch_in_logprobs_and_gradients(tiny):
     assert grad_pad.keys() == grad_pack.keys() and len(grad_pad) > 10
     for name, want in grad_pad.items():
         assert torch.allclose(grad_pack[name], want, atol=1e-5, rtol=1e-4), name
+
+
+def test_attention_buckets_give_the_exact_padded_batch(tiny):
+    """learner.attention_bucket_tokens: padded rows rounded up to the multiple with causal attention and no
+    padding mask, and packed rows whose sequences are padded to it inside attention, give the exact padded
+    batch's log-probs, entropies and gradients (float32, gradient checkpointing, uneven lengths, two prompts)."""
+    import copy
+
+    from veason_ray.training.packed_attention import enable_packed_attention
+
+    base, processor = tiny
+    model = copy.deepcopy(base)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    sequences = _two_sharing_a_prompt(processor, seed=5, lengths=(9, 3, 6))
+    exact = collate(sequences, pad_id=0)
+    bucket = 16
+    padded = collate(sequences, pad_id=0, attention_bucket=bucket)
+    packed = collate(sequences, pad_id=0, packed=True, attention_bucket=bucket)
+    assert padded.input_ids.shape[1] % bucket == 0 and padded.input_ids.shape[1] > exact.input_ids.shape[1]
+    assert padded.tokens == exact.tokens  # the extra columns are padding
+    assert packed.input_ids.shape == (1, exact.tokens) and packed.attention_bucket == bucket
+    assert any((b - a) % bucket for a, b in zip(packed.row_bounds[:-1], packed.row_bounds[1:], strict=True))
+
+    lp_exact, ent_exact, grad_exact = _step(model, exact)  # plain SDPA with the padding mask
+    mask = exact.response_mask.bool()
+    lp, ent, grads = _step(model, padded)  # plain SDPA, causal, no mask
+    assert torch.allclose(lp[mask], lp_exact[mask], atol=1e-5)
+    assert torch.allclose(ent[mask], ent_exact[mask], atol=1e-5)
+    for name, want in grad_exact.items():
+        assert torch.allclose(grads[name], want, atol=1e-5, rtol=1e-4), name
+    enable_packed_attention(model)
+    for batch in (packed, padded):  # the packed implementation; without bounds it is plain SDPA
+        lp, ent, grads = _step(model, batch)
+        assert torch.allclose(lp[mask], lp_exact[mask], atol=1e-5)
+        assert torch.allclose(ent[mask], ent_exact[mask], atol=1e-5)
+        assert grads.keys() == grad_exact.keys()
+        for name, want in grad_exact.items():
+            assert torch.allclose(grads[name], want, atol=1e-5, rtol=1e-4), name
+
+
+def test_attention_buckets_refuse_eager_attention(tiny):
+    """Without its padding mask, eager attention would attend everywhere: the bucketed padded path refuses it,
+    naming the keys."""
+    import copy
+
+    base, processor = tiny
+    model = copy.deepcopy(base)
+    model.model.language_model.config._attn_implementation = "eager"
+    batch = collate(_two_sharing_a_prompt(processor, seed=6, lengths=(4, 2, 3)), pad_id=0, attention_bucket=8)
+    with pytest.raises(ValueError, match="attention_bucket_tokens.*attn_implementation=sdpa"):
+        response_logprobs(model, batch)
+    with pytest.raises(ValueError, match="attention_bucket_tokens must be >= 0"):
+        collate(_two_sharing_a_prompt(processor, seed=6, lengths=(4, 2, 3)), pad_id=0, attention_bucket=-1)
 
 
 def test_pack_by_tokens_fills_each_micro_batch_in_order_up_to_the_budget():
@@ -351,21 +407,14 @@ def test_fused_elementwise_equals_transformers_norms_and_mlps_and_comes_off_agai
     batches = [collate(_two_sharing_a_prompt(processor, seed, lengths), pad_id=0) for seed, lengths in
                ((21, (9, 4, 6)), (22, (3, 12, 5)))]  # fmt: skip
 
-    def run(batch):
-        model.zero_grad()
-        logprobs, entropy = response_logprobs(model, batch, with_entropy=True)
-        ((logprobs + 0.1 * entropy) * batch.response_mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return logprobs.detach(), entropy.detach(), grads
-
-    plain = [run(batch) for batch in batches]
+    plain = [_step(model, batch, chunk_tokens=0) for batch in batches]
     assert fuse_elementwise(model) == norms + mlps and norms >= 4 and mlps >= 4
     assert fuse_elementwise(model) == 0  # already fused
     from torch._dynamo.utils import counters
 
-    fused = [run(batches[0])]
+    fused = [_step(model, batches[0], chunk_tokens=0)]
     compiled = counters["stats"]["unique_graphs"]
-    fused.append(run(batches[1]))
+    fused.append(_step(model, batches[1], chunk_tokens=0))
     assert counters["stats"]["unique_graphs"] == compiled  # other lengths, the same kernels
     for batch, (lp, ent, grads), (lp_f, ent_f, grads_f) in zip(batches, plain, fused, strict=True):
         mask = batch.response_mask.bool()
@@ -377,4 +426,4 @@ def test_fused_elementwise_equals_transformers_norms_and_mlps_and_comes_off_agai
     assert fuse_elementwise(model, enabled=False) == norms + mlps
     restored = [m for m in model.modules() if hasattr(m, "gate_proj") or type(m).__name__.endswith("RMSNorm")]
     assert len(restored) == norms + mlps and all("forward" not in m.__dict__ for m in restored)
-    assert torch.allclose(run(batches[0])[0], plain[0][0], atol=1e-6)
+    assert torch.allclose(_step(model, batches[0], chunk_tokens=0)[0], plain[0][0], atol=1e-6)

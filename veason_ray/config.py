@@ -355,6 +355,12 @@ class LearnerConfig:
     # at most this many tokens, attention kept within each sequence, no padding (micro_batch_size is then not
     # used; needs model.attn_implementation=sdpa). 0: micro_batch_size sequences, right-padded to the longest
     micro_batch_tokens: int = field(default=0, metadata=ge(0))
+    # > 0: every attention call of the language model sees lengths rounded up to a multiple of this many tokens,
+    # causal, with no padding mask (exact: padding only ever follows a sequence's tokens): padded rows are padded
+    # to the multiple, a packed row's sequences each padded to it inside attention. Attention kernels then meet a
+    # few shapes a run instead of new ones every micro-batch (PyTorch's cuDNN attention builds a plan per shape).
+    # Needs model.attn_implementation=sdpa. 0: exact lengths; padded rows with a padding mask
+    attention_bucket_tokens: int = field(default=0, metadata=ge(0))
     lr: float = field(default=1e-6, metadata=gt(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = field(default=0.01, metadata=ge(0))

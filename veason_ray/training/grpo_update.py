@@ -105,8 +105,10 @@ class GRPOUpdater:
             torch.cuda.synchronize(self.device)
 
     def _batch(self, sequences: Sequence[PolicySequence]) -> MicroBatch:
-        packed = self.cfg.micro_batch_tokens > 0
-        return collate(sequences, self.pad_id, self.forbidden_ids, packed=packed).to(self.device)
+        cfg = self.cfg
+        packed = cfg.micro_batch_tokens > 0
+        batch = collate(sequences, self.pad_id, self.forbidden_ids, packed, cfg.attention_bucket_tokens)
+        return batch.to(self.device)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: MicroBatch) -> torch.Tensor:

@@ -10,6 +10,12 @@ the attention it would get alone. A call without bounds (a padded micro-batch, t
 Per sequence rather than a block-diagonal mask over the row: a mask costs T^2 memory and SDPA computes every
 masked block anyway; the slices cost what the sequences cost. `enable_packed_attention` switches a loaded
 Qwen2.5-VL's language model to it (the vision tower keeps its own attention).
+
+With `packed_bucket_tokens` > 0 (`learner.attention_bucket_tokens`) each sequence's query, key and value are
+copied into tensors padded at the end to a multiple of that many tokens, and the output is cut back: causal, a
+real token never attends to the padding after it, so the result is the same, and the attention kernels see a few
+shapes instead of every sequence length (and, as slices of the row, strides that change with the row's length):
+PyTorch's cuDNN attention keys its plans by exact sizes and strides and builds one for each new key.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from veason_ray.training.sequences import round_up
 
 PACKED_ATTENTION = "veason_packed_sdpa"
 
@@ -29,10 +37,12 @@ def packed_sdpa_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     packed_row_bounds: Sequence[int] | None = None,
+    packed_bucket_tokens: int = 0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (1, heads, T, dim), key/value (1, kv heads, T, dim);
-    returns (1, T, heads, dim). `packed_row_bounds`: the offsets of the row's sequences, first 0, last T."""
+    returns (1, T, heads, dim). `packed_row_bounds`: the offsets of the row's sequences, first 0, last T;
+    `packed_bucket_tokens`: see the module docstring."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_row_bounds is None:
@@ -42,14 +52,26 @@ def packed_sdpa_attention(
             f"packed attention takes one row whose sequences end at its length: row of {query.shape[2]} tokens, "
             f"batch {query.shape[0]}, bounds ending at {packed_row_bounds[-1]}"
         )
-    outputs = [
-        sdpa_attention_forward(
-            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs
-        )[0]
-        for a, b in zip(packed_row_bounds[:-1], packed_row_bounds[1:], strict=True)
-        if b > a
-    ]
+    outputs = []
+    for a, b in zip(packed_row_bounds[:-1], packed_row_bounds[1:], strict=True):
+        if b == a:
+            continue
+        q, k, v = (bucketed(x[:, :, a:b], packed_bucket_tokens) for x in (query, key, value))
+        out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        outputs.append(out[:, : b - a])
     return torch.cat(outputs, dim=1), None
+
+
+def bucketed(x: torch.Tensor, bucket: int) -> torch.Tensor:
+    """(1, heads, L, dim) -> (1, heads, round_up(L, bucket), dim), zeros after the L tokens, laid out as
+    transformers lays out attention inputs (tokens outermost after the batch); `x` itself when `bucket` is 0."""
+    if bucket <= 0:
+        return x
+    length = x.shape[2]
+    tokens_first = torch.nn.functional.pad(
+        x.transpose(1, 2), (0, 0, 0, 0, 0, round_up(length, bucket) - length)
+    )
+    return tokens_first.transpose(1, 2)
 
 
 def register_packed_attention() -> None:
@@ -67,13 +89,20 @@ def enable_packed_attention(model: Any) -> None:
     register_packed_attention()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = inner.model.language_model.config
-    if text._attn_implementation not in ("sdpa", PACKED_ATTENTION):
-        raise ValueError(
-            f"learner.micro_batch_tokens > 0 packs sequences with SDPA per sequence, but the policy was loaded "
-            f"with model.attn_implementation={text._attn_implementation!r}: set model.attn_implementation=sdpa "
-            "or learner.micro_batch_tokens=0 (padded micro-batches)"
-        )
+    check_sdpa(text)
     text._attn_implementation = PACKED_ATTENTION
+
+
+def check_sdpa(text_config: Any) -> None:
+    """Packed rows and padded rows without their padding mask rely on SDPA's causal attention (eager attention
+    would take the missing mask for none): any other implementation is refused with the fix."""
+    if text_config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        raise ValueError(
+            "learner.micro_batch_tokens > 0 (packed sequences) and learner.attention_bucket_tokens > 0 (causal "
+            "attention without a padding mask) run SDPA, but the policy was loaded with "
+            f"model.attn_implementation={text_config._attn_implementation!r}: set "
+            "model.attn_implementation=sdpa, or both keys to 0"
+        )
 
 
 def skip_mask_creation(text_config: Any) -> dict[str, None]:

@@ -4,7 +4,9 @@ The backbone runs over the whole padded sequence with its images (M-RoPE positio
 the token ids, image grids and attention mask, as in generation; each distinct prompt's images encoded once);
 the LM head then runs only on the positions that predict response tokens, so a 2,500-token prompt never
 materialises 2,500 x vocab logits. A packed micro-batch (one row, no padding) gets each sequence's M-RoPE
-positions from its prompt (`packed_position_ids`) and attention within each sequence (`packed_attention.py`).
+positions from its prompt (`packed_position_ids`) and attention within each sequence (`packed_attention.py`);
+with `learner.attention_bucket_tokens` > 0 padded rows run causal attention without their padding mask (the
+padding follows every real token), their positions computed here with it (`padded_position_ids`).
 Log-probs are of the raw logits (temperature 1), which is what the rollout engine reports and the paper samples
 with.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from veason_ray.training.packed_attention import skip_mask_creation
+from veason_ray.training.packed_attention import check_sdpa, skip_mask_creation
 from veason_ray.training.sequences import MicroBatch
 
 
@@ -70,6 +72,13 @@ def _score(
             "position_ids": packed_position_ids(lm, batch),
             "attention_mask": skip_mask_creation(lm.model.language_model.config),
             "packed_row_bounds": batch.row_bounds,
+            "packed_bucket_tokens": batch.attention_bucket,
+        }
+    elif batch.attention_bucket > 0:  # right-padded rows: causal attention needs no padding mask
+        check_sdpa(lm.model.language_model.config)
+        inputs = {
+            "position_ids": padded_position_ids(lm, batch),
+            "attention_mask": skip_mask_creation(lm.model.language_model.config),
         }
     else:
         inputs = {"attention_mask": batch.attention_mask, **batch.token_inputs, **row_grids(batch)}
@@ -227,6 +236,22 @@ def packed_position_ids(lm: Any, batch: MicroBatch) -> torch.Tensor:
         after = positions.max() + 1 + torch.arange(response, device=positions.device)
         parts += [positions, after.view(1, 1, -1).expand(3, 1, -1)]
     return torch.cat(parts, dim=-1)
+
+
+def padded_position_ids(lm: Any, batch: MicroBatch) -> torch.Tensor:
+    """(3, B, L) M-RoPE positions of right-padded rows, from the model's own `get_rope_index` with the padding
+    mask, as its forward computes them (the padding's positions are never read: no real token attends to it)."""
+    grids = row_grids(batch)
+    if not grids:
+        rows, length = batch.input_ids.shape
+        return torch.arange(length, device=batch.input_ids.device).view(1, 1, -1).expand(3, rows, -1)
+    rope_index = lm.model.get_rope_index
+    return rope_index(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        **grids,
+        **accepted_keywords(rope_index, batch.token_inputs),
+    )[0]
 
 
 def accepted_keywords(function: Any, keywords: dict[str, Any]) -> dict[str, Any]:

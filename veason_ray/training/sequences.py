@@ -104,7 +104,9 @@ class MicroBatch:
     """The tensors of B sequences, right-padded (B rows of L tokens) or packed (one row of their T tokens).
 
     input_ids, attention_mask: (B, L) or (1, T); token_inputs: per-token extra inputs, the same shape;
-    row_bounds: packed only, the B + 1 offsets of the sequences in the row; prompt_lengths (B,);
+    row_bounds: packed only, the B + 1 offsets of the sequences in the row; attention_bucket: > 0 when attention
+    runs causal without a padding mask at lengths rounded up to this multiple (`learner.attention_bucket_tokens`:
+    padded rows are that long already; a packed row's sequences are padded inside attention); prompt_lengths (B,);
     vision_inputs: concatenated over the images of the batch's distinct prompts (a GRPO group's responses share
     one prompt, whose images the vision tower then encodes once); prompt_of_row (B,): each sequence's index among
     those prompts; images_per_prompt: their image counts. response_positions (B, R): for response token j of
@@ -127,6 +129,7 @@ class MicroBatch:
     response_lengths: list[int]
     prompt_lengths: list[int]
     row_bounds: tuple[int, ...] | None = None
+    attention_bucket: int = 0
 
     @property
     def packed(self) -> bool:
@@ -148,16 +151,23 @@ class MicroBatch:
 
 
 def collate(
-    sequences: Sequence[PolicySequence], pad_id: int, forbidden_ids: Iterable[int] = (), packed: bool = False
+    sequences: Sequence[PolicySequence],
+    pad_id: int,
+    forbidden_ids: Iterable[int] = (),
+    packed: bool = False,
+    attention_bucket: int = 0,
 ) -> MicroBatch:
     """One micro-batch, right-padded or `packed` (see MicroBatch); forbidden (vision) ids in responses are fed
-    as `pad_id` and masked as `loss_mask` says."""
+    as `pad_id` and masked as `loss_mask` says. `attention_bucket` > 0: padded rows are as long as the longest
+    sequence rounded up to its multiple, and the batch asks for causal attention without a padding mask."""
     if not sequences:
         raise ValueError("collate needs at least one sequence")
+    if attention_bucket < 0:
+        raise ValueError(f"learner.attention_bucket_tokens must be >= 0, got {attention_bucket}")
     forbidden = sorted(set(forbidden_ids))
     lengths = [s.num_tokens for s in sequences]
     starts = list(accumulate(lengths[:-1], initial=0)) if packed else [0] * len(lengths)
-    rows, length = (1, sum(lengths)) if packed else (len(sequences), max(lengths))
+    rows, length = (1, sum(lengths)) if packed else (len(sequences), round_up(max(lengths), attention_bucket))
     width = max(1, max(int(s.response_ids.numel()) for s in sequences))
     batch = len(sequences)
     input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
@@ -212,7 +222,13 @@ def collate(
         response_lengths=[int(s.response_ids.numel()) for s in sequences],
         prompt_lengths=[len(s.prompt) for s in sequences],
         row_bounds=(*starts, sum(lengths)) if packed else None,
+        attention_bucket=attention_bucket,
     )
+
+
+def round_up(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (itself when `multiple` is 0)."""
+    return -(-length // multiple) * multiple if multiple > 0 else length
 
 
 def split_micro_batches(items: Sequence[Any], size: int) -> list[list[Any]]:
