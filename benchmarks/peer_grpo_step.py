@@ -22,11 +22,13 @@ What cannot be equal, and why:
 - Old log-probs: verl recomputes them (`timing_s/old_log_prob`); ours are vLLM's. `--bypass-old-logprob` gives verl
   the rollout's (its `rollout_correction.bypass_mode`).
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
-- Memory: `--offload optimizer` (default) keeps the actor's Adam states in CPU memory, its fp32 parameters and
-  gradients and the bf16 reference on the GPU, as ours (ZeRO-2, optimizer offloaded) keeps its states.
-  `--offload recipe` is verl's one-GPU 3B recipe (examples/tuning/3b: actor parameters and optimizer, reference
-  parameters offloaded): on the lent machine (128 GB of RAM) its FSDP worker reached 95 GB in reference
-  log-probs and Ray's memory monitor killed it (2026-12-07). Update micro-batches of 2 sequences
+- Memory: ours (ZeRO-2, optimizer offloaded) keeps bf16 parameters and a float32 gradient buffer on the GPU and
+  steps Adam on the CPU. verl's FSDP worker holds float32 parameters and gradients and, for its optimizer step,
+  brings its Adam states onto the GPU: 60 GB at 3.75 B parameters. `--offload` says what it keeps in CPU memory
+  between uses: `optimizer` (default) the actor's Adam states and the reference's parameters; `recipe` the actor's
+  parameters too, verl's one-GPU 3B recipe (examples/tuning/3b), whose FSDP worker reached 95 GB of RAM in
+  reference log-probs on the lent machine (128 GB) and was killed by Ray's memory monitor (2026-12-07); `none`
+  nothing (fits a 141 GB H200 beside vLLM's share, not an 80 GB card). Update micro-batches of 2 sequences
   (`--micro-batch`; ours: 8) and log-prob micro-batches of 2 (`--logprob-micro-batch`): at 8, verl's old
   log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936 (16.6 GiB) with 69 GiB held and ran out of
   memory on an H100 (2026-12-06).
@@ -35,8 +37,8 @@ What cannot be equal, and why:
     python3 benchmarks/peer_grpo_step.py --dry-run --verl-site DIR   # + verl's validated config and its own
                                                                      #   rendering of the prompt (verl in DIR)
     # GPU, from the repository root on PYTHONPATH, after ../shared/device/README.md's installs and
-    # scripts/stage_verl.sh's install line; verl outlasts one device call, so scripts/peer_grpo_step_gpu.sh runs
-    # this across two:
+    # scripts/stage_verl.sh's install line; verl outlasts one device call, so scripts/gpu_chain.sh runs
+    # it across calls (scripts/gpu_chains/realistic_and_verl.txt):
     python3 benchmarks/grpo_step.py --models-dir /tmp/bench_models --out /tmp/peer_grpo_step/ours.json
     python3 benchmarks/peer_grpo_step.py --model /tmp/bench_models/qwen2_5_vl_3b_random \
         --ours /tmp/peer_grpo_step/ours.json --out $OUT/verl.json
@@ -101,10 +103,11 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
             "optim.lr": 1e-6, "ppo_mini_batch_size": args.prompts, "ppo_epochs": 1, "clip_ratio": 0.2,
             "ppo_micro_batch_size_per_gpu": args.micro_batch, "entropy_coeff": 1e-3,
             "use_kl_loss": True, "kl_loss_coef": 5e-3, "kl_loss_type": "low_var_kl",
-            "fsdp_config.param_offload": args.offload == "recipe", "fsdp_config.optimizer_offload": True,
+            "fsdp_config.param_offload": args.offload == "recipe",
+            "fsdp_config.optimizer_offload": args.offload != "none",
         },
         "actor_rollout_ref.ref": {
-            "fsdp_config.param_offload": args.offload == "recipe",
+            "fsdp_config.param_offload": args.offload != "none",
             "log_prob_micro_batch_size_per_gpu": args.logprob_micro_batch,
         },
         "actor_rollout_ref.rollout": {
@@ -358,9 +361,9 @@ def parse_args() -> argparse.Namespace:
     add("--trainer", choices=("v0", "v1"), default="v0", help="v0: RayPPOTrainer; v1: TransferQueue's")
     add(
         "--offload",
-        choices=("optimizer", "recipe"),
+        choices=("optimizer", "recipe", "none"),
         default="optimizer",
-        help="optimizer: the actor's optimizer in CPU memory (as ours); recipe: parameters too (verl's 3B recipe)",
+        help="what verl keeps in CPU memory between uses (see Memory above)",
     )
     add("--bypass-old-logprob", action="store_true", help="old log-probs from the rollout, as ours")
     add("--timeout-s", type=float, default=540, help="stop verl this many s after start (a call: 600)")
