@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=32768, help="packed: tokens a micro-batch")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--bucket", type=int, default=256, help="learner.attention_bucket_tokens of the bucketed"
+        "--bucket", type=int, default=128, help="learner.attention_bucket_tokens of the bucketed"
     )
     parser.add_argument(
         "--backends", default="auto", help="comma-separated: auto, cudnn, flash, efficient, math"

@@ -17,13 +17,14 @@ FOLLOW_S=${FOLLOW_S:-540}
 
 run_chain() {  # the detached part: each command in turn, a line per start and end in $CHAIN/chain.txt
   source .dev/scripts/env.sh
-  export PYTHONPATH=$PYTHONPATH:$PWD CHAIN TQDM_DISABLE=1
+  export PYTHONPATH=$PYTHONPATH:$PWD CHAIN TQDM_DISABLE=1 PATH=/tmp/site/bin:$PATH  # the recipe's `ray` there
   local n=0
   while IFS= read -r command; do
     [[ -z "${command// }" || "$command" == \#* ]] && continue
     n=$((n + 1))
     echo "[$(date -u +%T)] $n starts: $command" >> $CHAIN/chain.txt
     ray stop --force > /dev/null 2>&1
+    pkill -9 -f 'ray::|VLLM::|EngineCore' > /dev/null 2>&1  # what a killed run may leave holding GPU memory
     local start=$SECONDS
     bash -c "$command" > "$CHAIN/$n.log" 2>&1
     local rc=$?
