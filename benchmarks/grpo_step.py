@@ -91,11 +91,10 @@ class MemoryMonitor:
         self.name, self.total_mib, self.peak_mib = "", 0.0, 0.0
         self.host_total_gib, self.host_peak_gib = psutil.virtual_memory().total / 2**30, 0.0
         self._stop = threading.Event()
-        self.available = shutil.which("nvidia-smi") is not None and self._sample()
+        self.available = shutil.which("nvidia-smi") is not None and self._sample_gpu()
         threading.Thread(target=self._run, name="memory", daemon=True).start()
 
-    def _sample(self) -> bool:
-        self.host_peak_gib = max(self.host_peak_gib, host_used_gib())
+    def _sample_gpu(self) -> bool:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "-i", "0", "--query-gpu=name,memory.used,memory.total",
@@ -111,10 +110,9 @@ class MemoryMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            self.host_peak_gib = max(self.host_peak_gib, host_used_gib())
             if self.available:
-                self._sample()
-            else:
-                self.host_peak_gib = max(self.host_peak_gib, host_used_gib())
+                self._sample_gpu()
 
     def reset(self) -> None:
         self.peak_mib, self.host_peak_gib = 0.0, 0.0
@@ -274,11 +272,6 @@ def peak_memory(driver: GRPODriver, monitor: MemoryMonitor | None) -> str:
     if learner:
         parts.append(f"learner rank {learner['peak_allocated_gib']:.1f} GiB allocated by torch")
     return "; ".join(parts) or "not measured (no GPU)"
-
-
-def peak_host_memory(monitor: MemoryMonitor | None) -> str:
-    """Peak RAM in use on the node over the timed steps."""
-    return monitor.host() if monitor is not None else "not measured"
 
 
 def learner_parts(metrics: dict[str, float]) -> dict[str, float]:
@@ -495,7 +488,7 @@ def main() -> int:
         }
         steps = run_steps(driver, args, info, monitor)
         info["memory"] = peak_memory(driver, monitor)
-        info["host_memory"] = peak_host_memory(monitor)
+        info["host_memory"] = monitor.host() if monitor is not None else "not measured"
         print_table(args, steps, info)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
