@@ -73,13 +73,17 @@ def draw_sequences(prompts: list[EncodedPrompt], processor, args: argparse.Names
     return sequences
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}  # fmt: skip
+
+
 def sdpa_backend(name: str):
     """A context running SDPA on one backend (`auto`: PyTorch's priority order)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "auto":
         return contextlib.nullcontext()
-    return sdpa_kernel([getattr(SDPBackend, f"{name.upper()}_ATTENTION" if name != "math" else "MATH")])
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def run_layout(model, passes, layout: dict, device, args: argparse.Namespace) -> dict:
@@ -140,6 +144,9 @@ def main() -> None:
     )
     parser.add_argument("--same-lengths", action="store_true", help="every pass the first pass's sequences")
     args = parser.parse_args()
+    unknown = set(args.backends.split(",")) - {"auto", *SDPA_BACKENDS}
+    if unknown:
+        parser.error(f"--backends: {sorted(unknown)} unknown; take any of auto, {', '.join(SDPA_BACKENDS)}")
     if args.tiny:
         args.groups, args.n, args.frames, args.size, args.max_new_tokens = 2, 4, 2, 112, 160
         args.micro_batch_size, args.micro_batch_tokens, args.repeats, args.bucket = 4, 2048, 1, 32
