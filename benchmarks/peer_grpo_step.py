@@ -38,7 +38,7 @@ What cannot be equal, and why:
                                                                      #   rendering of the prompt (verl in DIR)
     # GPU, from the repository root on PYTHONPATH, after ../shared/device/README.md's installs and
     # scripts/stage_verl.sh's install line; verl outlasts one device call, so scripts/gpu_chain.sh runs
-    # it across calls (scripts/gpu_chains/realistic_and_verl.txt):
+    # it across calls (scripts/gpu_chains/verl_side_by_side.txt):
     python3 benchmarks/grpo_step.py --models-dir /tmp/bench_models --out /tmp/peer_grpo_step/ours.json
     python3 benchmarks/peer_grpo_step.py --model /tmp/bench_models/qwen2_5_vl_3b_random \
         --ours /tmp/peer_grpo_step/ours.json --out $OUT/verl.json

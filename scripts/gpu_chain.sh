@@ -8,7 +8,7 @@
 # chain ends or FOLLOW_S seconds (default 540) have passed; then, with OUT set (the device tool's), it packs the
 # logs' last 3 MB, $CHAIN's JSON files and verl's work folder's logs into $OUT/chain.tgz: one file, as the tool
 # brings back a few a call.
-#   bash scripts/gpu_chain.sh start scripts/gpu_chains/realistic_and_verl.txt    # first call: starts, follows
+#   bash scripts/gpu_chain.sh start scripts/gpu_chains/verl_side_by_side.txt     # first call: starts, follows
 #   FOLLOW_S=570 bash scripts/gpu_chain.sh follow                                  # the calls after
 set -uo pipefail
 cd "$(dirname "$0")/.."
