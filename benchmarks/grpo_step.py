@@ -21,14 +21,15 @@ narrowed to at most 1,024 random text tokens of the policy's tokenizer, `rollout
 runner takes at most 128 stop ids beside a minimum length and 1,024 allowed ids, so a bare 1/150 of the vocabulary
 cannot stop, and vLLM 0.26 takes allowed ids below the tokenizer's length only), so
 lengths are 100 + geometric (mean ~250, 90% under ~450, a few cut at `--max-new-tokens`). The table prints the
-lengths the step really had. With it, `learner.micro_batch_tokens=N` (packed micro-batches) against the default
-(padded) is the comparison of issue 27 item 2. Their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
+lengths the step really had. With it, the config's packed, bucketed micro-batches against
+`learner.micro_batch_tokens=0` (padded) and `learner.attention_bucket_tokens=0` (exact lengths) is the comparison
+of issue 27 item 2. Their answers never parse, so the reward pool scores the format part only and runs no SAM2 propagation:
 its wait here is a lower bound. The table says both with the measured shares.
 
     python benchmarks/grpo_step.py --out $OUT/grpo_step.json      # GPU, 3B shapes, 1 warm-up + 2 timed steps
     python benchmarks/grpo_step.py --tiny                          # CPU check: tiny models, logical GPU
     python benchmarks/grpo_step.py learner.micro_batch_size=8      # trailing key=value: config overrides
-    python benchmarks/grpo_step.py --lengths realistic learner.micro_batch_tokens=32768   # packed, real lengths
+    python benchmarks/grpo_step.py --lengths realistic learner.micro_batch_tokens=0   # padded, real lengths
     python benchmarks/grpo_step.py --startups 2     # start-up only: the driver started twice on the same models,
                                                     # the first with an empty vLLM compile cache, the second warm
 

@@ -359,7 +359,8 @@ class LearnerConfig:
     # causal, with no padding mask (exact: padding only ever follows a sequence's tokens): padded rows are padded
     # to the multiple, a packed row's sequences each padded to it inside attention. Attention kernels then meet a
     # few shapes a run instead of new ones every micro-batch (PyTorch's cuDNN attention builds a plan per shape).
-    # Needs model.attn_implementation=sdpa. 0: exact lengths; padded rows with a padding mask
+    # Needs model.attn_implementation=sdpa. 0: exact lengths; padded rows with a padding mask. The GPU configs
+    # set 128 and micro_batch_tokens 32768 (docs/benchmarks.md, "Realistic response lengths"); on CPU it only pads
     attention_bucket_tokens: int = field(default=0, metadata=ge(0))
     lr: float = field(default=1e-6, metadata=gt(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
