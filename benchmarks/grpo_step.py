@@ -118,6 +118,14 @@ class MemoryMonitor:
     def reset(self) -> None:
         self.peak_mib, self.host_peak_gib = 0.0, 0.0
 
+    def device(self) -> str:
+        """The GPU's peak, or "" where nvidia-smi did not answer."""
+        return (
+            f"{self.peak_mib / 1024:.1f} GiB of {self.total_mib / 1024:.0f} on the device"
+            if self.available
+            else ""
+        )
+
     def host(self) -> str:
         return f"{self.host_peak_gib:.1f} GiB of {self.host_total_gib:.0f} in use on the node (all processes)"
 
@@ -266,9 +274,7 @@ def run_steps(
 
 def peak_memory(driver: GRPODriver, monitor: MemoryMonitor | None) -> str:
     """Peak GPU memory over the timed steps: the whole device (every process), and the learner rank's torch."""
-    parts = []
-    if monitor is not None and monitor.available:
-        parts.append(f"{monitor.peak_mib / 1024:.1f} GiB of {monitor.total_mib / 1024:.0f} on the device")
+    parts = [monitor.device()] if monitor is not None and monitor.available else []
     learner = driver.learner.device_memory()[0]
     if learner:
         parts.append(f"learner rank {learner['peak_allocated_gib']:.1f} GiB allocated by torch")

@@ -67,6 +67,7 @@ from pathlib import Path
 from benchmarks.grpo_step import EASYR1_TOKENS_PER_S_PER_GPU, T0, MemoryMonitor, say
 from benchmarks.peer_verl_inputs import check_with_verl, write_inputs
 from benchmarks.rollout import STARTUP_LOG_MARKERS, write_random_3b_in_child
+from veason_ray.training.sequences import round_up
 
 VERL_VERSION = "0.9.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -319,7 +320,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     text, tokens, count = write_inputs(args, work)
     size = (work / "train.parquet").stat().st_size / 2**20
     say(f"dataset: {count} prompts ({size:.0f} MiB), {tokens} prompt tokens each; reward file written")
-    max_prompt = -(-(tokens + 64) // 64) * 64  # headroom for verl's tokenization; training drops the padding
+    max_prompt = round_up(tokens + 64, 64)  # headroom for verl's tokenization; training drops the padding
     overrides = verl_overrides(args, work, max_prompt)
     info = {"prompt_tokens": tokens, "max_prompt_length": max_prompt}
     spawn = multiprocessing.get_context("spawn")
@@ -423,9 +424,7 @@ def main() -> int:
             "command": command,
             "startup_s": first["seen_s"] - first["data"]["timing_s/step"],  # launch to the start of step 1
             "warmup_s": sum(r["data"]["timing_s/step"] for r in seen[: args.warmup_steps]),
-            "memory": f"{monitor.peak_mib / 1024:.1f} GiB of {monitor.total_mib / 1024:.0f} on the device"
-            if monitor.available
-            else "not sampled (no nvidia-smi)",
+            "memory": monitor.device() or "not sampled (no nvidia-smi)",
             "host_memory": monitor.host(),
             "startup_lines": run.startup_lines,
         }
