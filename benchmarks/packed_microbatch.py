@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from benchmarks.rollout import make_groups, realistic_lengths, write_random_3b  # noqa: E402
 from veason_ray.config import LearnerConfig  # noqa: E402
 from veason_ray.training.deepspeed_engine import load_trainable_policy  # noqa: E402
+from veason_ray.training.grpo_update import plan_micro_batches  # noqa: E402
 from veason_ray.training.packed_attention import enable_packed_attention  # noqa: E402
 from veason_ray.training.policy_forward import response_logprobs  # noqa: E402
 from veason_ray.training.sequences import (  # noqa: E402
@@ -45,8 +47,6 @@ from veason_ray.training.sequences import (  # noqa: E402
     PolicySequence,
     collate,
     encode_prompt,
-    pack_by_tokens,
-    split_micro_batches,
 )
 
 
@@ -86,24 +86,21 @@ def sdpa_backend(name: str):
     return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
-def run_layout(model, passes, layout: dict, device, args: argparse.Namespace) -> dict:
+def run_layout(model, passes, layout: LearnerConfig, device) -> dict:
     """Forward + backward of every micro-batch of each pass (loss: sum of log-probs and entropies over loss
     tokens); the first pass untimed. Returns the median seconds of the timed passes, the tokens fed and the
     log-probs and entropies of the first pass per sequence."""
     seconds, fed, values = [], 0, []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    packed, bucket = layout.micro_batch_tokens > 0, layout.attention_bucket_tokens
     for attempt, sequences in enumerate(passes):
-        chunks = (
-            pack_by_tokens(sequences, args.micro_batch_tokens)
-            if layout["packed"]
-            else split_micro_batches(sequences, args.micro_batch_size)
-        )
+        chunks = plan_micro_batches(sequences, layout)  # as the learner plans them
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for chunk in chunks:
-            batch = collate(chunk, 0, packed=layout["packed"], attention_bucket=layout["bucket"]).to(device)
+            batch = collate(chunk, 0, packed=packed, attention_bucket=bucket).to(device)
             logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_tokens=2048)
             ((logprobs + 1e-3 * entropy) * batch.response_mask).sum().backward()
             if attempt == 0:
@@ -176,17 +173,19 @@ def main() -> None:
         say(f"{len(passes)} passes of {len(passes[0])} sequences, prompt {len(prompts[0])} tokens, responses mean "
             f"{np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), "
             f"{'the same' if args.same_lengths else 'new'} lengths each pass")  # fmt: skip
-        layouts = {"padded": {"packed": False, "bucket": 0}, "packed": {"packed": True, "bucket": 0}}
+        padded = replace(cfg, micro_batch_size=args.micro_batch_size, micro_batch_tokens=0)
+        packed = replace(padded, micro_batch_tokens=args.micro_batch_tokens)
+        layouts = {"padded": padded, "packed": packed}
         if args.bucket > 0:
-            layouts |= {f"padded, bucket {args.bucket}": {"packed": False, "bucket": args.bucket},
-                        f"packed, bucket {args.bucket}": {"packed": True, "bucket": args.bucket}}  # fmt: skip
+            layouts |= {f"{name}, bucket {args.bucket}": replace(layout, attention_bucket_tokens=args.bucket)
+                        for name, layout in list(layouts.items())}  # fmt: skip
         rows = {}
         for backend in args.backends.split(","):
             for name, layout in layouts.items():
                 label = f"{name} ({backend})"
                 try:
                     with sdpa_backend(backend):
-                        rows[label] = run_layout(model, passes, layout, device, args)
+                        rows[label] = run_layout(model, passes, layout, device)
                 except RuntimeError as error:  # a backend that cannot run this layout (a mask, a shape)
                     say(f"{label}: not run: {str(error).splitlines()[0][:160]}")
                     model.zero_grad(set_to_none=True)
