@@ -386,8 +386,10 @@ def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict)
     if mean:
         info["memory"] += f" (learner rank: {mean['learner_peak_allocated_gib']:.1f} GiB allocated by torch)"
         print_table(args, timed, mean, info)
-        if args.ours:
+        if args.ours and Path(args.ours).is_file():
             print_side_by_side(Path(args.ours), mean, info)
+        elif args.ours:
+            say(f"{args.ours} not found (run ours after?): verl's table only")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
