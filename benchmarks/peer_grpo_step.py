@@ -19,6 +19,8 @@ What cannot be equal, and why:
 - Stopping: random weights never stop on our side (151,936 tokens to draw from); verl masks the logits past the
   tokenizer (~830 ids here), so <|im_end|> comes often: `ignore_eos=True` runs every response to 1,024 tokens.
 - Rollout: verl sends vLLM's OpenAI server 128 requests of one sample; ours asks vLLM's LLM for 8 per prompt.
+- A verl 0.9.1 bug this work meets: batches whose sequences all have one length break its nested 3-D position
+  ids in the update (benchmarks/peer_verl_fixes.py says how); that module repairs them in verl's workers.
 - Old log-probs: verl recomputes them (`timing_s/old_log_prob`); ours are vLLM's. `--bypass-old-logprob` gives verl
   the rollout's (its `rollout_correction.bypass_mode`).
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
@@ -71,6 +73,7 @@ from veason_ray.training.sequences import round_up
 
 VERL_VERSION = "0.9.1"
 REPO = Path(__file__).resolve().parents[1]
+FIXES = REPO / "benchmarks" / "peer_verl_fixes.py"  # run in verl's workers: its docstring says why
 POLICY_DIRNAME = "qwen2_5_vl_3b_random"  # benchmarks/grpo_step.py's folder under --models-dir
 STAGES = (  # verl's timers in step order (ray_trainer.fit)
     ("generation (rollout, rewards, engine sleep)", "timing_s/gen"),
@@ -123,6 +126,8 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
             "num_workers": 1, "custom_reward_function.path": work / "reward.py",
             "custom_reward_function.name": "compute_score",
         },
+        # benchmarks/peer_verl_fixes.py in every verl worker (fix_folder puts it on their path)
+        "ray_kwargs.ray_init.runtime_env": {"+worker_process_setup_hook": f"{FIXES.stem}.apply"},
         "trainer": {
             "n_gpus_per_node": 1, "nnodes": 1, "logger": "[console,file]", "use_v1": args.trainer == "v1",
             "project_name": "veason_peer", "experiment_name": "grpo_step", "default_local_dir": work / "ckpt",
@@ -140,14 +145,24 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
     return overrides + list(args.overrides)
 
 
+def fix_folder(work: Path) -> Path:
+    """A folder under `work` holding benchmarks/peer_verl_fixes.py alone, for verl's processes' path (this
+    repository is not on it)."""
+    folder = work / "verl_fixes"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(FIXES, folder / FIXES.name)
+    return folder
+
+
 def verl_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """What this process and main_ppo run with: offline, verl's step records to a file, vLLM's start-up lines."""
     # not this repository: verl's own top-level `scripts` and `tests` packages would meet ours
     inherited = [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO
     ]
+    path = [str(fix_folder(work)), *([args.verl_site] if args.verl_site else []), *inherited]
     return {
-        "PYTHONPATH": os.pathsep.join([args.verl_site, *inherited] if args.verl_site else inherited),
+        "PYTHONPATH": os.pathsep.join(path),
         "VERL_FILE_LOGGER_PATH": str(work / "metrics.jsonl"),  # one JSON record per step
         "VLLM_LOGGING_LEVEL": "INFO",  # verl sets WARN; INFO keeps vLLM's start-up lines
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
