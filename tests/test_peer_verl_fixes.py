@@ -31,6 +31,10 @@ def test_one_length_is_rebuilt_with_the_tokens_ragged():
     assert ids.offsets().tolist() == [0, 7, 14, 21]
     for got, want in zip(ids.unbind(), sequences, strict=True):  # verl's index selection unbinds
         assert torch.equal(got, want)
+    # verl's FSDP engine without remove-padding pads them to the batch's longest sequence
+    padded = torch.nested.to_padded_tensor(ids, padding=0, output_size=(3, 4, 9))
+    assert torch.equal(padded[:, :, :7], torch.stack(sequences))
+    assert not padded[:, :, 7:].any()
 
 
 def test_the_repaired_tensor_is_what_unequal_lengths_give():
