@@ -12,7 +12,8 @@ the tokens ragged. Offsets and values disagree: the update's mini-batch selectio
 split_sizes to sum exactly to 3655 ..., but got split_sizes=[4, 4, ...]`, H200, 2026-12-07); the log-prob
 passes split it through `chunk_tensordict`'s padded fallback (which fails as well under the CPU's torch 2.13).
 `apply` rebuilds such a tensor with the tokens ragged, as a batch of unequal lengths is built, before verl's
-marking runs.
+marking runs. Upstream: verl-project/verl#7899 (open), with a fix of the same kind proposed in #7901; drop this
+module when the release measured carries one.
 """
 
 from __future__ import annotations
