@@ -464,7 +464,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
     work = Path(tempfile.mkdtemp(prefix="grpo_step_"))
-    say(f"writing the models under {work}")
+    say(f"models under {args.models_dir or work} (written where missing)")
     policy, sam2 = write_models(args, work)
     write_s = time.perf_counter() - T0
     if args.startups:
