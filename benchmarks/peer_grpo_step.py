@@ -45,6 +45,7 @@ What cannot be equal, and why:
     python3 benchmarks/peer_grpo_step.py --model /tmp/bench_models/qwen2_5_vl_3b_random \
         --ours /tmp/peer_grpo_step/ours.json --out $OUT/verl.json
     python3 benchmarks/peer_grpo_step.py ... actor_rollout_ref.actor.strategy=fsdp2   # trailing: verl overrides
+    python3 benchmarks/peer_grpo_step.py --compare verl.json --ours ours.json      # the tables again, side by side
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ def parse_args() -> argparse.Namespace:
     add("--bypass-old-logprob", action="store_true", help="old log-probs from the rollout, as ours")
     add("--timeout-s", type=float, default=540, help="stop verl this many s after start (a call: 600)")
     add("--ours", default="", help="benchmarks/grpo_step.py's --out JSON: print the two side by side")
+    add("--compare", default="", help="an earlier --out JSON: print its tables (--ours beside)")
     add("--out", default="", help="write the steps and the summary as JSON here (verl's log beside it)")
     add("--work-dir", default="", help="keep dataset, logs and metrics here (default: a temporary folder)")
     add("--verl-site", default="", help="a folder holding verl and its packages, put first on the path")
@@ -417,8 +419,24 @@ def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict)
     return 0 if timed else 1
 
 
+def compare(args: argparse.Namespace) -> int:
+    """The tables of an earlier run from its JSON, ours beside it: for a chain that ran verl before ours."""
+    run = json.loads(Path(args.compare).read_text())
+    earlier = argparse.Namespace(**run["args"])
+    timed = run["steps"][earlier.warmup_steps :]
+    if not timed:
+        say(f"{args.compare}: no timed step finished; peak GPU memory {run['info']['memory']}")
+        return 1
+    print_table(earlier, timed, run["mean"], run["info"])
+    if args.ours:
+        print_side_by_side(Path(args.ours), run["mean"], run["info"])
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.compare:
+        return compare(args)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="peer_grpo_step_"))
     work.mkdir(parents=True, exist_ok=True)
     args.model = args.model or str(work / POLICY_DIRNAME)
