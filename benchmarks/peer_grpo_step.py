@@ -396,17 +396,24 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def print_tables(
+    args: argparse.Namespace, timed: list[dict], mean: dict[str, float], info: dict, ours: str
+) -> None:
+    """verl's table, and ours beside it where `ours` (benchmarks/grpo_step.py's --out JSON) names a file."""
+    print_table(args, timed, mean, info)
+    if ours and Path(ours).is_file():
+        print_side_by_side(Path(ours), mean, info)
+    elif ours:
+        say(f"{ours} not found (run ours after?): verl's table only")
+
+
 def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict) -> int:
     """The table (and ours beside it), the JSON and the end of verl's log under --out."""
     timed = seen[args.warmup_steps :]
     mean = summarise(timed) if timed else {}
     if mean:
         info["memory"] += f" (learner rank: {mean['learner_peak_allocated_gib']:.1f} GiB allocated by torch)"
-        print_table(args, timed, mean, info)
-        if args.ours and Path(args.ours).is_file():
-            print_side_by_side(Path(args.ours), mean, info)
-        elif args.ours:
-            say(f"{args.ours} not found (run ours after?): verl's table only")
+        print_tables(args, timed, mean, info, args.ours)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -427,9 +434,7 @@ def compare(args: argparse.Namespace) -> int:
     if not timed:
         say(f"{args.compare}: no timed step finished; peak GPU memory {run['info']['memory']}")
         return 1
-    print_table(earlier, timed, run["mean"], run["info"])
-    if args.ours:
-        print_side_by_side(Path(args.ours), run["mean"], run["info"])
+    print_tables(earlier, timed, run["mean"], run["info"], args.ours)
     return 0
 
 
