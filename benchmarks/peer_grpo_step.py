@@ -26,14 +26,17 @@ What cannot be equal, and why:
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
 - Memory: ours (ZeRO-2, optimizer offloaded) keeps bf16 parameters and a float32 gradient buffer on the GPU and
   steps Adam on the CPU. verl's FSDP worker holds float32 parameters and gradients and, for its optimizer step,
-  brings its Adam states onto the GPU: 60 GB at 3.75 B parameters. `--offload` says what it keeps in CPU memory
-  between uses: `optimizer` (default) the actor's Adam states and the reference's parameters; `recipe` the actor's
+  brings its Adam states onto the GPU: 60 GB at 3.75 B parameters. Its reference model is forward-only, and verl's
+  engine gives forward-only models FSDP's CPU offload whatever `param_offload` says: its bf16 parameters live in
+  CPU memory and stream to the GPU at every forward (ours keeps the reference on the GPU). `--offload` says what
+  else verl keeps in CPU memory between uses: `optimizer` (default) the actor's Adam states; `recipe` the actor's
   parameters too, verl's one-GPU 3B recipe (examples/tuning/3b), whose FSDP worker reached 95 GB of RAM in
-  reference log-probs on the lent machine (128 GB) and was killed by Ray's memory monitor (2026-12-07); `none`
-  nothing (fits a 141 GB H200 beside vLLM's share, not an 80 GB card). Update micro-batches of 2 sequences
-  (`--micro-batch`; ours: 8) and log-prob micro-batches of 2 (`--logprob-micro-batch`): at 8, verl's old
-  log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936 (16.6 GiB) with 69 GiB held and ran out of
-  memory on an H100 (2026-12-06).
+  reference log-probs on the lent machine (126 GB) and was killed by Ray's memory monitor (2026-12-07), as was
+  `optimizer`'s in its update (93.7 GB); `none` nothing (fits a 141 GB H200 beside vLLM's share, not an 80 GB
+  card). Update micro-batches of 2 sequences (`--micro-batch`; ours: 8) and log-prob micro-batches of 2
+  (`--logprob-micro-batch`): at 8, verl's old log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936
+  (16.6 GiB) with 69 GiB held and ran out of memory on an H100 (2026-12-06); an H200 has room for 8, which streams
+  the reference's parameters a quarter as often.
 
     python3 benchmarks/peer_grpo_step.py --dry-run                   # here, CPU: dataset, reward file, command
     python3 benchmarks/peer_grpo_step.py --dry-run --verl-site DIR   # + verl's validated config and its own
@@ -69,12 +72,15 @@ from pathlib import Path
 
 from benchmarks.grpo_step import EASYR1_TOKENS_PER_S_PER_GPU, T0, MemoryMonitor, say
 from benchmarks.peer_verl_inputs import check_with_verl, write_inputs
+from benchmarks.peer_verl_probe import PROBE_DIR_ENV, read_probes, short, summary_lines
+from benchmarks.process_memory import ProcessMemory, memory_table
 from benchmarks.rollout import STARTUP_LOG_MARKERS, write_random_3b_in_child
 from veason_ray.training.sequences import round_up
 
 VERL_VERSION = "0.9.1"
 REPO = Path(__file__).resolve().parents[1]
 FIXES = REPO / "benchmarks" / "peer_verl_fixes.py"  # run in verl's workers: its docstring says why
+PROBE = REPO / "benchmarks" / "peer_verl_probe.py"  # verl's workers' setup hook: the fixes, a stack sampler
 POLICY_DIRNAME = "qwen2_5_vl_3b_random"  # benchmarks/grpo_step.py's folder under --models-dir
 STAGES = (  # verl's timers in step order (ray_trainer.fit)
     ("generation (rollout, rewards, engine sleep)", "timing_s/gen"),
@@ -127,8 +133,8 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
             "num_workers": 1, "custom_reward_function.path": work / "reward.py",
             "custom_reward_function.name": "compute_score",
         },
-        # benchmarks/peer_verl_fixes.py in every verl worker (fix_folder puts it on their path)
-        "ray_kwargs.ray_init.runtime_env": {"+worker_process_setup_hook": f"{FIXES.stem}.apply"},
+        # the repair and the sampler in every verl worker (fix_folder puts them on their path)
+        "ray_kwargs.ray_init.runtime_env": {"+worker_process_setup_hook": f"{PROBE.stem}.setup"},
         "trainer": {
             "n_gpus_per_node": 1, "nnodes": 1, "logger": "[console,file]", "use_v1": args.trainer == "v1",
             "project_name": "veason_peer", "experiment_name": "grpo_step", "default_local_dir": work / "ckpt",
@@ -147,11 +153,12 @@ def verl_overrides(args: argparse.Namespace, work: Path, max_prompt: int) -> lis
 
 
 def fix_folder(work: Path) -> Path:
-    """A folder under `work` holding benchmarks/peer_verl_fixes.py alone, for verl's processes' path (this
-    repository is not on it)."""
+    """A folder under `work` holding benchmarks/peer_verl_fixes.py and peer_verl_probe.py alone, for verl's
+    processes' path (this repository is not on it)."""
     folder = work / "verl_fixes"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(FIXES, folder / FIXES.name)
+    for module in (FIXES, PROBE):
+        shutil.copy2(module, folder / module.name)
     return folder
 
 
@@ -165,6 +172,7 @@ def verl_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return {
         "PYTHONPATH": os.pathsep.join(path),
         "VERL_FILE_LOGGER_PATH": str(work / "metrics.jsonl"),  # one JSON record per step
+        PROBE_DIR_ENV: str(work / "probe"),  # each worker's stack sampler writes there
         "VLLM_LOGGING_LEVEL": "INFO",  # verl sets WARN; INFO keeps vLLM's start-up lines
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(work / "hf_datasets"), "WANDB_MODE": "disabled",
@@ -180,7 +188,9 @@ class VerlRun:
         self.metrics_path, self.log_path = work / "metrics.jsonl", work / "verl.log"
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.startup_lines: list[str] = []
-        self.started = time.perf_counter()
+        self.started, self.started_wall = time.perf_counter(), time.time()
+        self.probe_dir = work / "probe"
+        self.announced: dict[int, str] = {}  # pid -> the FSDP worker's task last said
         self.process = subprocess.Popen(
             command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             errors="replace", start_new_session=True,
@@ -197,6 +207,34 @@ class VerlRun:
                     self.startup_lines.append(line.strip()[-200:])
                 if any(marker in line for marker in SHOWN):
                     say(f"  verl: {line.strip()[-240:]}")
+
+    def announce_tasks(self) -> None:
+        """A line for each method verl's FSDP worker (WorkerDict) starts, from its stack sampler's file: the
+        stages between two step records (log-probs, update) and the memory each began with."""
+        for probe in read_probes(self.probe_dir):
+            if not probe["timeline"]:
+                continue
+            moment, title, rss, gpu = probe["timeline"][-1]
+            if "WorkerDict." not in title or self.announced.get(probe["pid"]) == title:
+                continue
+            self.announced[probe["pid"]] = title
+            start = next(m for m, t, *_ in reversed(probe["timeline"]) if t == title)
+            say(f"verl worker: {short(title)} from {start - self.started_wall:.0f} s after launch "
+                f"(RSS {rss:.1f} GiB, GPU {gpu:.1f} GiB allocated)")  # fmt: skip
+
+    def write_probe_log(self, memory: ProcessMemory) -> None:
+        """<work>/probe.log: each worker's tasks and where their time went (benchmarks/peer_verl_probe.py), then
+        every process's memory (USS: its own pages; the object store's part apart); the FSDP worker's tasks
+        printed too."""
+        lines = summary_lines(read_probes(self.probe_dir), since=self.started_wall)
+        table = memory_table(memory.summaries(), per=60, unit="s")
+        (self.log_path.parent / "probe.log").write_text(
+            "seconds after launch; RSS and torch's GPU memory as each worker's sampler saw them\n"
+            + "\n".join(lines) + "\n\nprocess memory over the run (sampled every 10 s)\n" + table + "\n"
+        )  # fmt: skip
+        worker = [line for line in lines if "WorkerDict." in line and " s  " in line]
+        say(f"verl's FSDP worker, task by task ({self.log_path.parent / 'probe.log'} has the rest):")
+        print("\n".join(worker), flush=True)
 
     def records(self) -> list[dict]:
         if not self.metrics_path.is_file():
@@ -233,6 +271,7 @@ def watch(run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMon
     seen: list[dict] = []
     while len(seen) < total and run.process.poll() is None and time.perf_counter() - T0 < args.timeout_s:
         time.sleep(1.0)
+        run.announce_tasks()
         for record in run.records()[len(seen) :]:
             record["seen_s"] = time.perf_counter() - run.started
             seen.append(record)
@@ -273,6 +312,10 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
         f"{args.max_new_tokens} new tokens; start-up {info['startup_s']:.0f} s (launch to step 1), warm-up "
         f"step {info['warmup_s']:.0f} s"
     )  # fmt: skip
+    if info.get("steps_shown", "timed steps") != "timed steps":
+        print(
+            f"{info['steps_shown']} (a first step's costs included: vLLM's Triton kernels, verl's data workers)"
+        )
     width, columns = 52, [f"step {r['step']}" for r in timed] + ["mean"]
     print(f"{'seconds per step':<{width}}" + "".join(f"{c:>10}" for c in columns))
     named = [key for _, key in STAGES]
@@ -291,7 +334,7 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
     print(
         f"vs EasyR1's {EASYR1_TOKENS_PER_S_PER_GPU:,.0f}: {mean['tokens_per_s_per_gpu'] / EASYR1_TOKENS_PER_S_PER_GPU:.2f}x"
         f"; responses: mean {mean['response_length/mean']:.0f} tokens ({mean['response_length/clip_ratio']:.0%} at "
-        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory over the timed steps: {info['memory']}"
+        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory after the warm-up: {info['memory']}"
         f"\npeak host memory: {info['host_memory']}"
     )
     for line in info["startup_lines"][:20]:
@@ -314,7 +357,8 @@ def print_side_by_side(ours_path: Path, mean: dict[str, float], info: dict) -> N
         ("weight sync (+ engine wake)", o["time/sync_s"] + o["time/wake_s"], g("timing_s/update_weights", 0)),
         ("step", o["time/step_s"], g("timing_s/step", 0)),
     ]  # fmt: skip
-    print(f"\n{'seconds per step (mean of timed steps)':<48}{'ours':>10}{'verl':>10}{'verl/ours':>11}")
+    verl_steps = "timed" if info.get("steps_shown", "timed steps") == "timed steps" else "verl: warm-up"
+    print(f"\n{f'seconds per step (ours: timed; {verl_steps})':<48}{'ours':>10}{'verl':>10}{'verl/ours':>11}")
     for label, mine, theirs in rows:
         print(
             f"{label:<48}{mine:>10.2f}{theirs:>10.2f}" + (f"{theirs / mine:>10.2f}x" if mine else f"{'':>11}")
@@ -407,13 +451,20 @@ def print_tables(
         say(f"{ours} not found (run ours after?): verl's table only")
 
 
+def shown_steps(steps: list[dict], warmup_steps: int) -> tuple[list[dict], str]:
+    """The timed steps, or where none finished the warm-up steps (a first step's costs included: vLLM's Triton
+    kernels compiled on first use, verl's agent-loop workers reading the dataset), and which they are."""
+    timed = steps[warmup_steps:]
+    return (timed, "timed steps") if timed else (steps, "warm-up step only: no timed step finished")
+
+
 def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict) -> int:
     """The table (and ours beside it), the JSON and the end of verl's log under --out."""
-    timed = seen[args.warmup_steps :]
-    mean = summarise(timed) if timed else {}
+    shown, info["steps_shown"] = shown_steps(seen, args.warmup_steps)
+    mean = summarise(shown) if shown else {}
     if mean:
         info["memory"] += f" (learner rank: {mean['learner_peak_allocated_gib']:.1f} GiB allocated by torch)"
-        print_tables(args, timed, mean, info, args.ours)
+        print_tables(args, shown, mean, info, args.ours)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +472,7 @@ def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict)
         with run.log_path.open("rb") as log:  # its end, within what the device tool brings back
             log.seek(max(0, run.log_path.stat().st_size - 8 * 2**20))
             out.with_suffix(".log").write_bytes(log.read())
+    timed = len(seen) > args.warmup_steps
     if not timed:
         say(f"no timed step finished; peak GPU memory {info['memory']}, host {info['host_memory']}")
     return 0 if timed else 1
@@ -430,11 +482,11 @@ def compare(args: argparse.Namespace) -> int:
     """The tables of an earlier run from its JSON, ours beside it: for a chain that ran verl before ours."""
     run = json.loads(Path(args.compare).read_text())
     earlier = argparse.Namespace(**run["args"])
-    timed = run["steps"][earlier.warmup_steps :]
-    if not timed:
-        say(f"{args.compare}: no timed step finished; peak GPU memory {run['info']['memory']}")
+    shown, run["info"]["steps_shown"] = shown_steps(run["steps"], earlier.warmup_steps)
+    if not shown:
+        say(f"{args.compare}: no step finished; peak GPU memory {run['info']['memory']}")
         return 1
-    print_tables(earlier, timed, run["mean"], run["info"], args.ours)
+    print_tables(earlier, shown, summarise(shown), run["info"], args.ours)
     return 0
 
 
@@ -453,8 +505,11 @@ def main() -> int:
             return 0
         monitor = MemoryMonitor()
         run = VerlRun(command, dict(os.environ), work)
+        memory = ProcessMemory(run.process.pid, root_label="main_ppo")
         try:
-            seen = watch(run, args.warmup_steps + args.steps, args, monitor)
+            with memory.sampling(every_s=10.0, progress=lambda: time.perf_counter() - run.started):
+                seen = watch(run, args.warmup_steps + args.steps, args, monitor)
+            run.write_probe_log(memory)
         finally:
             run.stop()
             monitor.stop()

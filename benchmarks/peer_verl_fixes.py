@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+REBUILDS = 0  # tensors rebuilt in this process (benchmarks/peer_verl_probe.py reports it)
+
 
 def rebuild_uniform_position_ids(data) -> bool:
     """`data["position_ids"]` rebuilt with its tokens ragged if it is the 3-D nested tensor torch builds from
@@ -58,7 +60,8 @@ def apply() -> None:
         return
 
     def maybe_fix_3d_position_ids(data) -> None:
-        rebuild_uniform_position_ids(data)
+        global REBUILDS
+        REBUILDS += rebuild_uniform_position_ids(data)
         verl_fix(data)
 
     maybe_fix_3d_position_ids.rebuilds_uniform_position_ids = True

@@ -109,7 +109,11 @@ class ProcessMemory:
         self._lock = threading.Lock()
 
     def processes(self) -> list[psutil.Process]:
-        return [self.root, *self.root.children(recursive=True)]
+        """The root and its descendants; none once the root has exited and been reaped."""
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def sample(self, progress: float) -> None:
         """One sample of every live process against `progress`; processes that exit meanwhile are skipped."""

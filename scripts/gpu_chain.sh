@@ -4,7 +4,8 @@
 # call within its 30 s idle window), and follows it. Commands come from a file, one a line ('#' lines skipped), run
 # from the repository root after `ray stop --force`, with .dev/scripts/env.sh sourced, the repository on PYTHONPATH
 # and CHAIN set to /tmp/chain (write JSON there: `--out $CHAIN/name.json`). Command n's output goes to
-# $CHAIN/<n>.log. Following prints the chain's progress lines (benchmarks print them with '[' first) until the
+# $CHAIN/<n>.log. With BUDGET_S (the device time left, in s) at `start`, commands can ask `chain_left_s` how much of
+# it remains (to give a long command a timeout that leaves the next ones their time). Following prints the chain's progress lines (benchmarks print them with '[' first) until the
 # chain ends or FOLLOW_S seconds (default 540) have passed; then, with OUT set (the device tool's), it packs the
 # logs' last 3 MB, $CHAIN's JSON files and verl's work folder's logs into $OUT/chain.tgz: one file, as the tool
 # brings back a few a call.
@@ -15,9 +16,16 @@ cd "$(dirname "$0")/.."
 CHAIN=/tmp/chain
 FOLLOW_S=${FOLLOW_S:-540}
 
+chain_left_s() {  # seconds of device time left (from BUDGET_S at `start`), or a day where none was given
+  local end
+  end=$(cat $CHAIN/end 2> /dev/null || echo $(($(date +%s) + 86400)))
+  echo $((end - $(date +%s)))
+}
+
 run_chain() {  # the detached part: each command in turn, a line per start and end in $CHAIN/chain.txt
   source .dev/scripts/env.sh
   export PYTHONPATH=$PYTHONPATH:$PWD CHAIN TQDM_DISABLE=1 PATH=/tmp/site/bin:$PATH  # the recipe's `ray` there
+  export -f chain_left_s
   local n=0
   while IFS= read -r command; do
     [[ -z "${command// }" || "$command" == \#* ]] && continue
@@ -49,7 +57,7 @@ follow() {
     local pack=/tmp/chain_pack
     rm -rf $pack && mkdir -p $pack
     cp $CHAIN/*.json $CHAIN/chain.txt $pack/ 2> /dev/null
-    for f in $CHAIN/*.log /tmp/verlwork/*.log /tmp/verlwork/*.jsonl; do
+    for f in $CHAIN/*.log /tmp/verlwork/*.log /tmp/verlwork/*.jsonl /tmp/verlwork/probe/*.json; do
       [ -f "$f" ] && tail -c 3000000 "$f" > "$pack/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
     nvidia-smi > $pack/nvidia-smi.txt 2>&1
@@ -61,6 +69,7 @@ case "${1:-}" in
   start)
     [ -f "${2:-}" ] || { echo "usage: $0 start COMMANDS_FILE"; exit 2; }
     rm -rf $CHAIN && mkdir -p $CHAIN
+    [ -n "${BUDGET_S:-}" ] && echo $(($(date +%s) + BUDGET_S)) > $CHAIN/end
     setsid nohup bash "$0" run "$(realpath "$2")" > $CHAIN/chain_runner.log 2>&1 < /dev/null &
     sleep 2
     follow ;;
