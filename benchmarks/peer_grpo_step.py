@@ -509,10 +509,13 @@ def main() -> int:
         try:
             with memory.sampling(every_s=10.0, progress=lambda: time.perf_counter() - run.started):
                 seen = watch(run, args.warmup_steps + args.steps, args, monitor)
-            run.write_probe_log(memory)
         finally:
             run.stop()
             monitor.stop()
+        try:  # what the samplers wrote stays; a failure to summarise it loses no step
+            run.write_probe_log(memory)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            say(f"probe.log not written: {error!r} (the raw files are in {run.probe_dir})")
         first = seen[0] if seen else {"seen_s": 0.0, "data": {"timing_s/step": 0.0}}
         info |= {
             "device": monitor.name or "no GPU seen",
