@@ -52,10 +52,10 @@ def test_sampler_records_tasks_memory_and_where_time_went(tmp_path, monkeypatch,
         counts = record["profile"][task]
         samples = counts.pop("(samples)")
         assert samples >= 20
-        key, hits = max(counts.items(), key=lambda item: item[1])
-        assert key == "workers/busy.py:spin < - < busy.py:spin" and hits >= 0.8 * samples
+        # the main thread; other busy threads of this process (earlier tests' servers, say) count beside it
+        assert counts["workers/busy.py:spin < - < busy.py:spin"] >= 0.8 * samples
 
-    lines = probe.summary_lines(probe.read_probes(tmp_path / "probe"), since=began, min_span_s=0.04)
+    lines = probe.summary_lines(probe.read_probes(tmp_path / "probe"), since=began, min_span_s=0.04, top=100)
     text = "\n".join(lines)
     assert "WorkerDict.actor_rollout_ref_compute_log_prob:" in text
     assert "where WorkerDict.actor_rollout_ref_compute_log_prob's" in text
