@@ -72,7 +72,7 @@ from pathlib import Path
 
 from benchmarks.grpo_step import EASYR1_TOKENS_PER_S_PER_GPU, T0, MemoryMonitor, say
 from benchmarks.peer_verl_inputs import check_with_verl, write_inputs
-from benchmarks.peer_verl_probe import PROBE_DIR_ENV, read_probes, short, summary_lines
+from benchmarks.peer_verl_probe import PROBE_DIR_ENV, read_probes, short, summary_lines, task_spans
 from benchmarks.process_memory import ProcessMemory, memory_table
 from benchmarks.rollout import STARTUP_LOG_MARKERS, write_random_3b_in_child
 from veason_ray.training.sequences import round_up
@@ -210,15 +210,15 @@ class VerlRun:
 
     def announce_tasks(self) -> None:
         """A line for each method verl's FSDP worker (WorkerDict) starts, from its stack sampler's file: the
-        stages between two step records (log-probs, update) and the memory each began with."""
+        stages between two step records (log-probs, update), when each began and the memory last sampled."""
         for probe in read_probes(self.probe_dir):
             if not probe["timeline"]:
                 continue
-            moment, title, rss, gpu = probe["timeline"][-1]
+            _, title, rss, gpu = probe["timeline"][-1]
             if "WorkerDict." not in title or self.announced.get(probe["pid"]) == title:
                 continue
             self.announced[probe["pid"]] = title
-            start = next(m for m, t, *_ in reversed(probe["timeline"]) if t == title)
+            start = task_spans(probe)[-1]["start"]
             say(f"verl worker: {short(title)} from {start - self.started_wall:.0f} s after launch "
                 f"(RSS {rss:.1f} GiB, GPU {gpu:.1f} GiB allocated)")  # fmt: skip
 
