@@ -6,9 +6,10 @@ verl's processes), names `peer_verl_probe.setup` as Ray's `worker_process_setup_
 PEER_VERL_PROBE_DIR. In each Ray worker, `setup` applies the repair and starts a daemon thread that every
 `interval_s` looks at every other thread's stack and counts, per Ray task (the process title Ray gives a worker
 while a method runs: `ray::WorkerDict.actor_rollout_ref_update_actor`), where the busy threads are: the innermost
-verl function, the innermost transformers function and the innermost function of all. Threads waiting (in threading, queue, selectors, asyncio's
-loop, Ray's task loop) are not counted. It writes `<dir>/<pid>.json` (the profile, its task timeline with RSS and torch's GPU
-memory allocated, the repair's count) every 10 s and at each change of task, replacing the file whole.
+verl function, the innermost transformers function and the innermost function of all. Threads waiting (in
+threading, queue, selectors, asyncio's loop, Ray's task loop) are not counted. It writes `<dir>/<pid>.json` (the
+profile, its task timeline with RSS and torch's GPU memory allocated, the repair's count) every 10 s and at each
+change of task, replacing the file whole.
 
 `read_probes`, `task_spans` and `summary_lines` are the reading side (peer_grpo_step.py, here, no verl): the
 spans of each task and what its samples were doing. Only the standard library is imported at module level;

@@ -5,10 +5,10 @@
 # from the repository root after `ray stop --force`, with .dev/scripts/env.sh sourced, the repository on PYTHONPATH
 # and CHAIN set to /tmp/chain (write JSON there: `--out $CHAIN/name.json`). Command n's output goes to
 # $CHAIN/<n>.log. With BUDGET_S (the device time left, in s) at `start`, commands can ask `chain_left_s` how much of
-# it remains (to give a long command a timeout that leaves the next ones their time). Following prints the chain's progress lines (benchmarks print them with '[' first) until the
-# chain ends or FOLLOW_S seconds (default 540) have passed; then, with OUT set (the device tool's), it packs the
-# logs' last 3 MB, $CHAIN's JSON files and verl's work folder's logs into $OUT/chain.tgz: one file, as the tool
-# brings back a few a call.
+# it remains (to give a long command a timeout that leaves the next ones their time). Following prints the chain's
+# progress lines (benchmarks print them with '[' first) until the chain ends or FOLLOW_S seconds (default 540) have
+# passed; then, with OUT set (the device tool's), it packs the logs' last 3 MB, $CHAIN's JSON files and verl's work
+# folder's logs and probe files into $OUT/chain.tgz: one file, as the tool brings back a few a call.
 #   bash scripts/gpu_chain.sh start scripts/gpu_chains/verl_side_by_side.txt     # first call: starts, follows
 #   FOLLOW_S=570 bash scripts/gpu_chain.sh follow                                  # the calls after
 set -uo pipefail
