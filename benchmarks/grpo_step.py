@@ -11,7 +11,8 @@ finish) -> engines sleep -> learner update (reference and policy log-probs, back
 around the weight push (CUDA IPC). The seconds are the driver's own metrics (`time/*`, as in metrics.jsonl).
 
 tokens/s/GPU as EasyR1 defines it: (prompt + response tokens of every sequence) / step seconds / GPUs, against
-EasyR1's published 1,800 tokens/s/GPU for Qwen2.5-VL-3B on an H100 and this project's goal of 2x (3,600).
+EasyR1's published 1,800 tokens/s/GPU for Qwen2.5-VL-3B on an H100 (another workload) and this project's goal of
+2x (3,600). The same work under verl's trainer on the same card: benchmarks/peer_grpo_step.py.
 
 Random weights never emit EOS, so every response runs to `--max-new-tokens` (a trained policy stops at 100-400
 tokens, unevenly). `--lengths realistic` gives them such a spread: no response stops before 100 tokens

@@ -7,7 +7,7 @@ benchmarks/rollout.py's writer), 16 prompts x n=8 of `make_groups`' six 560x560 
 pixels, as verl's multimodal dataset: benchmarks/peer_verl_inputs.py), up to 1,024 new tokens, lr 1e-6, KL 5e-3
 low_var_kl (k3) against a reference model, clip 0.2, entropy 1e-3, one optimizer step per step; verl's hybrid
 engine (vLLM colocated, asleep while the learner runs) at our engine's 25% of GPU memory and vLLM batch limits;
-FSDP with the actor's optimizer offloaded (`--offload`); a reward file that scores 0. Its first step is the
+FSDP with nothing offloaded (`--offload`); a reward file that scores 0. Its first step is the
 untimed warm-up, then `--steps` timed steps; the seconds are verl's own (`timing_s/*` from its file logger).
 `--trainer v0` (default) is RayPPOTrainer; `v1` is 0.9.1's default TransferQueue trainer.
 
@@ -21,22 +21,24 @@ What cannot be equal, and why:
 - Rollout: verl sends vLLM's OpenAI server 128 requests of one sample; ours asks vLLM's LLM for 8 per prompt.
 - A verl 0.9.1 bug this work meets: batches whose sequences all have one length break its nested 3-D position
   ids in the update (benchmarks/peer_verl_fixes.py says how); that module repairs them in verl's workers.
-- Old log-probs: verl recomputes them (`timing_s/old_log_prob`); ours are vLLM's. `--bypass-old-logprob` gives verl
-  the rollout's (its `rollout_correction.bypass_mode`).
+- Old log-probs: verl recomputes them in a pass of their own (`timing_s/old_log_prob`); ours, with one optimizer
+  step a batch, are the update's own forward (ratio 1). `--bypass-old-logprob` gives verl the rollout's (its
+  `rollout_correction.bypass_mode`).
 - Images: each of a group's 8 sequences takes its 6 images through verl's vision tower; ours encodes them once.
 - Memory: ours (ZeRO-2, optimizer offloaded) keeps bf16 parameters and a float32 gradient buffer on the GPU and
   steps Adam on the CPU. verl's FSDP worker holds float32 parameters and gradients and, for its optimizer step,
   brings its Adam states onto the GPU: 60 GB at 3.75 B parameters. Its reference model is forward-only, and verl's
   engine gives forward-only models FSDP's CPU offload whatever `param_offload` says: its bf16 parameters live in
   CPU memory and stream to the GPU at every forward (ours keeps the reference on the GPU). `--offload` says what
-  else verl keeps in CPU memory between uses: `optimizer` (default) the actor's Adam states; `recipe` the actor's
-  parameters too, verl's one-GPU 3B recipe (examples/tuning/3b), whose FSDP worker reached 95 GB of RAM in
-  reference log-probs on the lent machine (126 GB) and was killed by Ray's memory monitor (2026-12-07), as was
-  `optimizer`'s in its update (93.7 GB); `none` nothing (fits a 141 GB H200 beside vLLM's share, not an 80 GB
-  card). Update micro-batches of 2 sequences (`--micro-batch`; ours: 8) and log-prob micro-batches of 2
-  (`--logprob-micro-batch`): at 8, verl's old log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936
-  (16.6 GiB) with 69 GiB held and ran out of memory on an H100 (2026-12-06); an H200 has room for 8, which streams
-  the reference's parameters a quarter as often.
+  else verl keeps in CPU memory between uses: `none` (default) nothing: on an 80 GB H100 its first step peaked
+  at 76.2 GiB reserved by torch in its FSDP worker and its second ran (2026-12-07); `optimizer` the actor's Adam
+  states; `recipe` the actor's parameters too, verl's one-GPU 3B recipe (examples/tuning/3b). On the lent
+  machine (126 GB of RAM) Ray's memory monitor killed verl's FSDP worker with `recipe` in reference log-probs
+  (95 GB resident) and with `optimizer` in its update (93.7 GB), both 2026-12-07. Update micro-batches of 2
+  sequences (`--micro-batch`; ours: 8) and log-prob micro-batches of 2 (`--logprob-micro-batch`): at 8, verl's
+  old log-probs asked for float32 logits of 8 x 3,655 tokens x 151,936 (16.6 GiB) with 69 GiB held and ran out of
+  memory on an H100 (2026-12-06); an H200 has room for 8, which streams the reference's parameters a quarter as
+  often.
 
     python3 benchmarks/peer_grpo_step.py --dry-run                   # here, CPU: dataset, reward file, command
     python3 benchmarks/peer_grpo_step.py --dry-run --verl-site DIR   # + verl's validated config and its own
@@ -265,9 +267,11 @@ class VerlRun:
         self.reader.join(timeout=5)
 
 
-def watch(run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMonitor | None) -> list[dict]:
+def watch(
+    run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMonitor | None, warmup_peaks: dict
+) -> list[dict]:
     """Each step's record as it appears (with `seen_s`, seconds after launch), until `total` steps, the process
-    ends or `--timeout-s`; the memory peak restarts after the warm-up steps."""
+    ends or `--timeout-s`; the memory peak restarts after the warm-up steps, whose peaks go to `warmup_peaks`."""
     seen: list[dict] = []
     while len(seen) < total and run.process.poll() is None and time.perf_counter() - T0 < args.timeout_s:
         time.sleep(1.0)
@@ -280,6 +284,7 @@ def watch(run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMon
             say(f"{kind} step {record['step']}: {data['timing_s/step']:.1f} s (" + ", ".join(
                 f"{key[9:]} {data[key]:.1f}" for _, key in STAGES if key in data) + ")")  # fmt: skip
             if len(seen) == args.warmup_steps and monitor is not None:
+                warmup_peaks.update(memory=monitor.device(), host_memory=monitor.host())
                 monitor.reset()
     if len(seen) < total:
         say(f"stopped after {len(seen)} of {total} steps (exit code {run.process.poll()}); last output:")
@@ -300,8 +305,9 @@ def summarise(timed: list[dict]) -> dict[str, float]:
     mean["tokens_per_s_per_gpu"] = tokens / sum(r["data"]["timing_s/step"] for r in timed)
     for key in ("response_length/mean", "prompt_length/mean", "response_length/clip_ratio"):
         mean[key] = sum(r["data"].get(key, 0.0) for r in timed) / len(timed)
-    memory = [v for r in timed for k, v in r["data"].items() if k.endswith("max_memory_allocated_gb")]
-    mean["learner_peak_allocated_gib"] = max(memory, default=0.0)
+    for kind in ("allocated", "reserved"):
+        peaks = [v for r in timed for k, v in r["data"].items() if k.endswith(f"max_memory_{kind}_gb")]
+        mean[f"learner_peak_{kind}_gib"] = max(peaks, default=0.0)
     return mean
 
 
@@ -334,7 +340,7 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
     print(
         f"vs EasyR1's {EASYR1_TOKENS_PER_S_PER_GPU:,.0f}: {mean['tokens_per_s_per_gpu'] / EASYR1_TOKENS_PER_S_PER_GPU:.2f}x"
         f"; responses: mean {mean['response_length/mean']:.0f} tokens ({mean['response_length/clip_ratio']:.0%} at "
-        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory after the warm-up: {info['memory']}"
+        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory {shown_memory_of(info)}: {info['memory']}"
         f"\npeak host memory: {info['host_memory']}"
     )
     for line in info["startup_lines"][:20]:
@@ -423,10 +429,14 @@ def parse_args() -> argparse.Namespace:
     add(
         "--offload",
         choices=("optimizer", "recipe", "none"),
-        default="optimizer",
+        default="none",
         help="what verl keeps in CPU memory between uses (see Memory above)",
     )
-    add("--bypass-old-logprob", action="store_true", help="old log-probs from the rollout, as ours")
+    add(
+        "--bypass-old-logprob",
+        action="store_true",
+        help="old log-probs from the rollout: no pass of their own, as ours",
+    )
     add("--timeout-s", type=float, default=540, help="stop verl this many s after start (a call: 600)")
     add("--ours", default="", help="benchmarks/grpo_step.py's --out JSON: print the two side by side")
     add("--compare", default="", help="an earlier --out JSON: print its tables (--ours beside)")
@@ -458,12 +468,24 @@ def shown_steps(steps: list[dict], warmup_steps: int) -> tuple[list[dict], str]:
     return (timed, "timed steps") if timed else (steps, "warm-up step only: no timed step finished")
 
 
+def shown_memory_of(info: dict) -> str:
+    """Which steps the memory peaks shown are of: the monitor restarts after the warm-up steps."""
+    return (
+        "after the warm-up" if info.get("steps_shown", "timed steps") == "timed steps" else "of the warm-up"
+    )
+
+
 def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict) -> int:
     """The table (and ours beside it), the JSON and the end of verl's log under --out."""
     shown, info["steps_shown"] = shown_steps(seen, args.warmup_steps)
+    if shown_memory_of(info) == "of the warm-up" and info["warmup_peaks"]:
+        info |= info["warmup_peaks"]  # the peaks of the steps shown
     mean = summarise(shown) if shown else {}
     if mean:
-        info["memory"] += f" (learner rank: {mean['learner_peak_allocated_gib']:.1f} GiB allocated by torch)"
+        info["memory"] += (
+            f" (learner rank: {mean['learner_peak_allocated_gib']:.1f} GiB allocated by torch, "
+            f"{mean['learner_peak_reserved_gib']:.1f} reserved)"
+        )
         print_tables(args, shown, mean, info, args.ours)
     if args.out:
         out = Path(args.out)
@@ -503,12 +525,12 @@ def main() -> int:
         say(f"verl command (in {work}):\n  " + " \\\n    ".join(shlex.quote(c) for c in command))
         if args.dry_run:
             return 0
-        monitor = MemoryMonitor()
+        monitor, warmup_peaks = MemoryMonitor(), {}
         run = VerlRun(command, dict(os.environ), work)
         memory = ProcessMemory(run.process.pid, root_label="main_ppo")
         try:
             with memory.sampling(every_s=10.0, progress=lambda: time.perf_counter() - run.started):
-                seen = watch(run, args.warmup_steps + args.steps, args, monitor)
+                seen = watch(run, args.warmup_steps + args.steps, args, monitor, warmup_peaks)
         finally:
             run.stop()
             monitor.stop()
@@ -524,6 +546,7 @@ def main() -> int:
             "warmup_s": sum(r["data"]["timing_s/step"] for r in seen[: args.warmup_steps]),
             "memory": monitor.device() or "not sampled (no nvidia-smi)",
             "host_memory": monitor.host(),
+            "warmup_peaks": warmup_peaks,  # the warm-up steps' own (the monitor restarts after them)
             "startup_lines": run.startup_lines,
         }
         return finish(args, run, seen, info)
