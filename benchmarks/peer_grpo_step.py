@@ -267,6 +267,11 @@ class VerlRun:
         self.reader.join(timeout=5)
 
 
+def memory_peaks(monitor: MemoryMonitor) -> dict[str, str]:
+    """The monitor's peaks so far, on the device and on the node, as the tables print them."""
+    return {"memory": monitor.device() or "not sampled (no nvidia-smi)", "host_memory": monitor.host()}
+
+
 def watch(
     run: VerlRun, total: int, args: argparse.Namespace, monitor: MemoryMonitor | None, warmup_peaks: dict
 ) -> list[dict]:
@@ -284,7 +289,7 @@ def watch(
             say(f"{kind} step {record['step']}: {data['timing_s/step']:.1f} s (" + ", ".join(
                 f"{key[9:]} {data[key]:.1f}" for _, key in STAGES if key in data) + ")")  # fmt: skip
             if len(seen) == args.warmup_steps and monitor is not None:
-                warmup_peaks.update(memory=monitor.device(), host_memory=monitor.host())
+                warmup_peaks.update(memory_peaks(monitor))
                 monitor.reset()
     if len(seen) < total:
         say(f"stopped after {len(seen)} of {total} steps (exit code {run.process.poll()}); last output:")
@@ -318,7 +323,7 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
         f"{args.max_new_tokens} new tokens; start-up {info['startup_s']:.0f} s (launch to step 1), warm-up "
         f"step {info['warmup_s']:.0f} s"
     )  # fmt: skip
-    if info.get("steps_shown", "timed steps") != "timed steps":
+    if warmup_only(info):
         print(
             f"{info['steps_shown']} (a first step's costs included: vLLM's Triton kernels, verl's data workers)"
         )
@@ -340,7 +345,8 @@ def print_table(args: argparse.Namespace, timed: list[dict], mean: dict[str, flo
     print(
         f"vs EasyR1's {EASYR1_TOKENS_PER_S_PER_GPU:,.0f}: {mean['tokens_per_s_per_gpu'] / EASYR1_TOKENS_PER_S_PER_GPU:.2f}x"
         f"; responses: mean {mean['response_length/mean']:.0f} tokens ({mean['response_length/clip_ratio']:.0%} at "
-        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory {shown_memory_of(info)}: {info['memory']}"
+        f"the cap), prompts {mean['prompt_length/mean']:.0f}\npeak GPU memory "
+        f"{'of the warm-up' if warmup_only(info) else 'after the warm-up'}: {info['memory']}"
         f"\npeak host memory: {info['host_memory']}"
     )
     for line in info["startup_lines"][:20]:
@@ -363,7 +369,7 @@ def print_side_by_side(ours_path: Path, mean: dict[str, float], info: dict) -> N
         ("weight sync (+ engine wake)", o["time/sync_s"] + o["time/wake_s"], g("timing_s/update_weights", 0)),
         ("step", o["time/step_s"], g("timing_s/step", 0)),
     ]  # fmt: skip
-    verl_steps = "timed" if info.get("steps_shown", "timed steps") == "timed steps" else "verl: warm-up"
+    verl_steps = "verl: warm-up" if warmup_only(info) else "timed"
     print(f"\n{f'seconds per step (ours: timed; {verl_steps})':<48}{'ours':>10}{'verl':>10}{'verl/ours':>11}")
     for label, mine, theirs in rows:
         print(
@@ -468,18 +474,14 @@ def shown_steps(steps: list[dict], warmup_steps: int) -> tuple[list[dict], str]:
     return (timed, "timed steps") if timed else (steps, "warm-up step only: no timed step finished")
 
 
-def shown_memory_of(info: dict) -> str:
-    """Which steps the memory peaks shown are of: the monitor restarts after the warm-up steps."""
-    return (
-        "after the warm-up" if info.get("steps_shown", "timed steps") == "timed steps" else "of the warm-up"
-    )
+def warmup_only(info: dict) -> bool:
+    """Whether the steps shown are the warm-up's, no timed step having finished (`shown_steps`)."""
+    return info.get("steps_shown", "timed steps") != "timed steps"
 
 
 def finish(args: argparse.Namespace, run: VerlRun, seen: list[dict], info: dict) -> int:
     """The table (and ours beside it), the JSON and the end of verl's log under --out."""
     shown, info["steps_shown"] = shown_steps(seen, args.warmup_steps)
-    if shown_memory_of(info) == "of the warm-up" and info["warmup_peaks"]:
-        info |= info["warmup_peaks"]  # the peaks of the steps shown
     mean = summarise(shown) if shown else {}
     if mean:
         info["memory"] += (
@@ -539,14 +541,13 @@ def main() -> int:
         except (OSError, ValueError, KeyError, TypeError) as error:
             say(f"probe.log not written: {error!r} (the raw files are in {run.probe_dir})")
         first = seen[0] if seen else {"seen_s": 0.0, "data": {"timing_s/step": 0.0}}
+        only_warmup = len(seen) == args.warmup_steps and warmup_peaks  # then the warm-up's own peaks
+        info |= warmup_peaks if only_warmup else memory_peaks(monitor)
         info |= {
             "device": monitor.name or "no GPU seen",
             "command": command,
             "startup_s": first["seen_s"] - first["data"]["timing_s/step"],  # launch to the start of step 1
             "warmup_s": sum(r["data"]["timing_s/step"] for r in seen[: args.warmup_steps]),
-            "memory": monitor.device() or "not sampled (no nvidia-smi)",
-            "host_memory": monitor.host(),
-            "warmup_peaks": warmup_peaks,  # the warm-up steps' own (the monitor restarts after them)
             "startup_lines": run.startup_lines,
         }
         return finish(args, run, seen, info)
